@@ -1,0 +1,276 @@
+"""LocalVolumeEstimator behaviour: reproducibility, the user's model untouched, bad input, flatness."""
+
+import math
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from models import quadratic_problem
+from volsk import LocalVolumeEstimator
+from volsk._math import log_ball_volume
+
+
+def small_mlp(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+    X = torch.randn(40, 5, generator=gen)
+    return net, X
+
+
+def snapshot(model):
+    return {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
+        "requires_grad": {k: v.requires_grad for k, v in model.named_parameters()},
+        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in
+                  model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+        "device": {k: v.device for k, v in model.named_parameters()},
+        "dtype": {k: v.dtype for k, v in model.named_parameters()},
+    }
+
+
+def assert_same(before, after):
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert before["device"] == after["device"] and before["dtype"] == after["dtype"]
+    for key in ("params", "buffers"):
+        assert before[key].keys() == after[key].keys()
+        for k in before[key]:
+            assert torch.equal(before[key][k], after[key][k]), k  # bit-identical
+    for k, g in before["grads"].items():
+        if g is None:
+            assert after["grads"][k] is None, k
+        else:
+            assert torch.equal(g, after["grads"][k]), k
+
+
+class BNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.relu(self.bn(self.lin(x)))))
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, None])
+def test_same_random_state_gives_identical_samples_whatever_the_batch_size(batch_size):
+    net, X = small_mlp()
+    ref = LocalVolumeEstimator(sigma=0.5, n_samples=15, batch_size=15, random_state=4).fit(net, X)
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=15, batch_size=batch_size,
+                               random_state=4).fit(net, X)
+    np.testing.assert_array_equal(est.sample_log_volumes_, ref.sample_log_volumes_)
+    np.testing.assert_array_equal(est.radii_, ref.radii_)
+
+
+def test_different_random_state_gives_different_samples():
+    net, X = small_mlp()
+    a = LocalVolumeEstimator(sigma=0.5, n_samples=5, random_state=0).fit(net, X)
+    b = LocalVolumeEstimator(sigma=0.5, n_samples=5, random_state=1).fit(net, X)
+    assert not np.array_equal(a.sample_log_volumes_, b.sample_log_volumes_)
+
+
+def test_fit_leaves_model_bit_identical():
+    torch.manual_seed(0)
+    net = BNNet().train()
+    X = torch.randn(30, 5)
+    net(X).sum().backward()  # grads present before fit must survive unchanged
+    net.lin.bias.requires_grad_(False)
+    before = snapshot(net)
+    LocalVolumeEstimator(sigma=0.5, n_samples=8, random_state=0).fit(net, X)
+    assert_same(before, snapshot(net))
+    assert net.training
+
+
+def test_fit_leaves_model_bit_identical_when_cost_raises():
+    net, X = small_mlp()
+    net.train()
+    before = snapshot(net)
+    calls = {"n": 0}
+
+    def exploding_cost(outputs, anchor):
+        calls["n"] += 1
+        if calls["n"] > 3:  # fails in the middle of the radius search
+            raise RuntimeError("boom")
+        return torch.nn.functional.mse_loss(outputs, anchor)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        LocalVolumeEstimator(cost=exploding_cost, sigma=0.5, n_samples=8,
+                             random_state=0).fit(net, X)
+    assert calls["n"] > 3
+    assert_same(before, snapshot(net))
+
+
+def test_fitted_attributes_are_consistent():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=12, random_state=0).fit(net, X)
+    k = 12
+    assert est.sample_log_volumes_.shape == (k,) and est.radii_.shape == (k,)
+    assert est.n_parameters_ == sum(p.numel() for p in net.parameters())
+    assert est.n_evaluations_ == int(est.samples_["evaluations"].sum())
+    assert 1.0 <= est.effective_sample_size_ <= k
+    from scipy.special import logsumexp
+
+    assert est.log_volume_ == pytest.approx(logsumexp(est.sample_log_volumes_) - math.log(k))
+    assert est.log10_volume_ == pytest.approx(est.log_volume_ / math.log(10))
+    assert est.bits_ == pytest.approx(-est.log_volume_ / math.log(2))
+    assert est.log_volume_lower_bound(0.95) == pytest.approx(est.log_volume_ + math.log(0.05))
+    assert est.score() == est.log_volume_
+    assert list(est.samples_.columns[:4]) == ["direction", "log_volume", "radius",
+                                              "cost_at_radius"]
+    # every radius meets the boundary accuracy
+    costs = est.samples_["cost_at_radius"].to_numpy()
+    assert np.all(np.abs(costs - 1e-2) <= 1e-3 * 1e-2 + 1e-15)
+    frame = est.results_frame()
+    assert frame.loc[0, "log_volume"] == est.log_volume_
+
+
+def test_evaluations_per_direction_are_few_on_a_smooth_net():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=50, rtol=1e-3, random_state=0).fit(net, X)
+    assert est.n_evaluations_ / 50 <= 5.0
+
+
+def test_refit_resets_state_and_pickle_round_trip():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=6, random_state=0).fit(net, X)
+    first = est.sample_log_volumes_.copy()
+    est.set_params(n_samples=3).fit(net, X)
+    assert est.sample_log_volumes_.shape == (3,)
+    np.testing.assert_array_equal(est.sample_log_volumes_, first[:3])
+    clone = pickle.loads(pickle.dumps(est))
+    assert clone.log_volume_ == est.log_volume_
+    assert "_problem" not in vars(clone)
+
+
+def test_partial_fit_equals_one_long_fit():
+    net, X = small_mlp()
+    long = LocalVolumeEstimator(sigma=0.5, n_samples=10, random_state=2).fit(net, X)
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=6, random_state=2).fit(net, X)
+    est.partial_fit(net, X, n_samples=4)
+    np.testing.assert_array_equal(est.sample_log_volumes_, long.sample_log_volumes_)
+    assert est.log_volume_ == long.log_volume_
+    other, _ = small_mlp(seed=1)
+    with pytest.raises(ValueError, match="different model or different X"):
+        est.partial_fit(other, X, n_samples=2)
+
+
+def test_score_on_new_data_uses_the_same_anchor():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=6, random_state=0).fit(net, X)
+    same = est.score(X)
+    assert same == pytest.approx(est.log_volume_, abs=1e-9)
+    other = est.score(X[:10])
+    assert np.isfinite(other) and other != same
+
+
+def _fit(**kw):
+    net, X = small_mlp()
+    model = kw.pop("model", net)
+    X = kw.pop("X", X)
+    y = kw.pop("y", None)
+    params = {"sigma": 0.5, "n_samples": 2, "random_state": 0} | kw
+    return LocalVolumeEstimator(**params).fit(model, X, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"cutoff": 0.0}, "cutoff"),
+        ({"cutoff": -1.0}, "cutoff"),
+        ({"cutoff": float("nan")}, "cutoff"),
+        ({"n_samples": 0}, "n_samples"),
+        ({"measure": "cauchy"}, "measure"),
+        ({"preconditioner": "newton"}, "preconditioner"),
+        ({"cost": "hinge"}, "cost"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": -2.0}, "sigma"),
+        ({"sigma": np.full(3, 0.5)}, "sigma"),
+        ({"sigma": np.r_[np.full(58, 0.5), -1.0]}, "sigma"),
+        ({"preconditioner": np.ones(3)}, "preconditioner"),
+        ({"preconditioner": np.r_[np.ones(58), np.nan]}, "preconditioner"),
+        ({"preconditioner": np.r_[np.ones(58), -1.0]}, "preconditioner"),
+        ({"X": torch.zeros(0, 5)}, "X"),
+        ({"X": torch.full((4, 5), float("nan"))}, "X"),
+        ({"X": torch.zeros(4, 7)}, "X"),
+        ({"cost": "cross_entropy"}, "y"),
+        ({"rtol": 0.0}, "rtol"),
+        ({"output": "scores"}, "output"),
+        ({"cutoff": 1e-2, "cost": lambda out, anchor: out.sum() * 0 + 1.0}, "cutoff"),
+    ],
+)
+def test_bad_input_raises_a_clear_error_naming_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _fit(**kwargs)
+
+
+def test_model_without_trainable_parameters_raises():
+    net, X = small_mlp()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        _fit(model=net, X=X)
+
+
+def test_not_a_model_raises():
+    with pytest.raises(TypeError, match="model"):
+        _fit(model=np.eye(3))
+
+
+def test_flat_parameter_makes_lebesgue_volume_infinite_with_a_warning():
+    # input feature 2 is zero on every example: the weight reading it cannot change the outputs
+    model, X = quadratic_problem(np.ones(4))
+    X[:, 2] = 0.0
+    with pytest.warns(RuntimeWarning, match=r"weight\[0, 2\]"):
+        est = LocalVolumeEstimator(0.01, "lebesgue", cost="mse", n_samples=8,
+                                   random_state=0).fit(model, X)
+    assert est.log_volume_ == math.inf
+    assert est.flat_parameters_ == ["weight[0, 2]"]
+
+
+def test_flat_parameter_is_integrated_out_under_a_gaussian_prior():
+    from scipy import stats
+
+    model, X = quadratic_problem(np.ones(4) / 0.25, anchor=[0.3, -0.2, 5.0, 0.1])
+    X[:, 2] = 0.0  # coordinate 2 is flat, however far its anchor value is from the prior mean
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = LocalVolumeEstimator(1.0, "gaussian", cost="mse", sigma=0.5, n_samples=300,
+                                   rtol=1e-6, random_state=0).fit(model, X)
+    # remaining 3 coordinates: whitened ball of radius 1 around (0.3, -0.2, 0.1)/0.5
+    truth = stats.ncx2.logcdf(1.0, df=3, nc=(0.09 + 0.04 + 0.01) / 0.25)
+    assert est.flat_parameters_ == ["weight[0, 2]"]
+    assert abs(est.log_volume_ - truth) < 0.05
+
+
+def test_direction_that_never_crosses_gives_infinite_lebesgue_volume():
+    # a cost that saturates below the cutoff along every direction with a negative first weight
+    net = torch.nn.Linear(2, 1, bias=False).double()
+    X = torch.eye(2, dtype=torch.float64)
+
+    def saturating(outputs, anchor):
+        d = outputs - anchor
+        return torch.tanh(d.pow(2).mean()) * 0.5  # never reaches 0.9
+
+    with pytest.warns(RuntimeWarning, match="never reached the cutoff"):
+        est = LocalVolumeEstimator(0.9, "lebesgue", cost=saturating, n_samples=4,
+                                   random_state=0).fit(net, X)
+    assert est.log_volume_ == math.inf
+    assert (est.samples_["status"] == "unbounded").all()
+
+
+def test_lebesgue_ball_with_float32_model_is_accurate_to_rtol():
+    model, X = quadratic_problem(np.ones(20), dtype=torch.float32)
+    est = LocalVolumeEstimator(0.01, "lebesgue", cost="mse", n_samples=4, rtol=1e-4,
+                               random_state=0).fit(model, X)
+    assert abs(est.log_volume_ - log_ball_volume(20, 0.1)) < 20 * 1e-4

@@ -1,0 +1,257 @@
+"""Functional evaluation of a model at many parameter vectors.
+
+The user's module is deep-copied once; the copy is put in eval mode and evaluated with
+:func:`torch.func.functional_call`, so nothing volsk does can touch the user's parameters,
+buffers, mode, ``requires_grad`` flags or ``.grad`` fields.  Many directions are evaluated in
+one call with :func:`torch.func.vmap` over stacked flat parameter vectors.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp, vmap
+
+__all__ = ["ParameterSpace", "FunctionalModel", "extract_output"]
+
+
+def extract_output(out):
+    """Return the tensor a model's forward produced: a tensor, a tuple's first item or ``.logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and len(out) > 0:
+        return extract_output(out[0])
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    raise TypeError(
+        f"the model returned {type(out).__name__}; volsk needs a tensor, a tuple whose first item "
+        "is a tensor, or an object with a `.logits` tensor (Hugging Face). Wrap the model so that "
+        "forward returns the outputs tensor."
+    )
+
+
+@dataclass(frozen=True)
+class ParameterSpace:
+    """The trainable parameters of a module, flattened in ``named_parameters()`` order.
+
+    Attributes
+    ----------
+    names : list of str
+    shapes : list of torch.Size
+    numels : list of int
+    dtypes : list of torch.dtype
+    n : int
+        Total number of trainable scalars.
+    """
+
+    names: list
+    shapes: list
+    numels: list
+    dtypes: list
+
+    @property
+    def n(self) -> int:
+        return int(sum(self.numels))
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> ParameterSpace:
+        named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+        return cls(
+            names=[k for k, _ in named],
+            shapes=[p.shape for _, p in named],
+            numels=[p.numel() for _, p in named],
+            dtypes=[p.dtype for _, p in named],
+        )
+
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64)
+
+    def unflatten(self, flat: torch.Tensor) -> dict:
+        """Split a flat vector (n,) into ``{name: tensor}`` with each parameter's shape and dtype."""
+        pieces = torch.split(flat, self.numels)
+        return {
+            name: piece.reshape(shape).to(dtype)
+            for name, piece, shape, dtype in zip(self.names, pieces, self.shapes, self.dtypes)
+        }
+
+    def coordinate_names(self, indices) -> list:
+        """Human-readable names such as ``'0.weight[3, 7]'`` for flat indices."""
+        offsets = self.offsets()
+        out = []
+        for i in np.asarray(indices, dtype=np.int64):
+            t = int(np.searchsorted(offsets, i, side="right") - 1)
+            local = int(i - offsets[t])
+            shape = tuple(self.shapes[t])
+            idx = np.unravel_index(local, shape) if shape else ()
+            out.append(f"{self.names[t]}[{', '.join(str(int(j)) for j in idx)}]")
+        return out
+
+
+def _as_model_dtype(X: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    if not torch.is_floating_point(X):
+        return X  # token ids, class indices
+    for p in module.parameters():
+        if torch.is_floating_point(p):
+            return X.to(p.dtype)
+    return X
+
+
+class FunctionalModel:
+    """A private eval-mode copy of a module, evaluated functionally at flat parameter vectors.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The user's module. It is deep-copied; the original is never modified.
+    X : torch.Tensor or dict of tensors
+        The inputs on which the neighbourhood is defined (moved to ``device``).
+    device : torch.device
+    forward_kwargs : dict, optional
+        Extra keyword arguments for ``forward`` (e.g. ``attention_mask``).
+    """
+
+    def __init__(self, module, X, device, forward_kwargs=None):
+        self.device = torch.device(device)
+        self.module = copy.deepcopy(module).to(self.device)
+        self.module.eval()
+        for p in self.module.parameters():
+            p.grad = None  # requires_grad is kept: it marks what is trainable (perturbed)
+        self.space = ParameterSpace.of(module)
+        if self.space.n == 0:
+            raise ValueError(
+                "model has no trainable parameters (requires_grad=True); volsk perturbs trainable "
+                "parameters only."
+            )
+        params = dict(self.module.named_parameters())
+        self.theta = torch.cat(
+            [params[k].detach().reshape(-1).to(torch.float64) for k in self.space.names]
+        )
+        self.theta = self.theta.to(self.device)  # (n,) float64
+        self.model_dtype = self.space.dtypes[0]
+        # Parameters not in the space (frozen) are passed as fixed tensors, like buffers.
+        self.fixed = {
+            k: v for k, v in self.module.named_parameters() if k not in set(self.space.names)
+        }
+        self.fixed.update(dict(self.module.named_buffers()))
+        self.X = self._to_device(X)
+        self.forward_kwargs = {k: self._to_device(v) for k, v in (forward_kwargs or {}).items()}
+        self.n_examples = self._n_examples(self.X)
+
+    def _to_device(self, X):
+        if isinstance(X, torch.Tensor):
+            return _as_model_dtype(X, self.module).to(self.device)
+        if isinstance(X, dict):
+            return {k: self._to_device(v) for k, v in X.items()}
+        if isinstance(X, (tuple, list)):
+            return type(X)(self._to_device(v) for v in X)
+        return X
+
+    @staticmethod
+    def _n_examples(X):
+        if isinstance(X, torch.Tensor):
+            return int(X.shape[0])
+        if isinstance(X, dict):
+            return int(next(iter(X.values())).shape[0])
+        return int(X[0].shape[0])
+
+    # -- single evaluations -------------------------------------------------------------------
+    def outputs(self, flat: torch.Tensor) -> torch.Tensor:
+        """Model outputs on X at the flat parameter vector ``flat`` (n,)."""
+        params = self.space.unflatten(flat.to(self.model_dtype))
+        params.update(self.fixed)
+        X = self.X
+        if isinstance(X, dict):
+            out = functional_call(self.module, params, args=(), kwargs={**X, **self.forward_kwargs})
+        elif isinstance(X, tuple):
+            out = functional_call(self.module, params, args=X, kwargs=self.forward_kwargs)
+        else:
+            out = functional_call(self.module, params, args=(X,), kwargs=self.forward_kwargs)
+        return extract_output(out)
+
+    def anchor_outputs(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.outputs(self.theta).detach()
+
+    # -- batched evaluations ------------------------------------------------------------------
+    def costs(self, cost, thetas: torch.Tensor) -> torch.Tensor:
+        """``cost`` at each row of ``thetas`` (B, n) → (B,) float64. One batched forward pass."""
+        with torch.no_grad():
+            values = vmap(lambda flat: cost(self.outputs(flat)))(thetas)
+        return values.to(torch.float64)
+
+    def ray_taylor(self, cost, directions: torch.Tensor):
+        """Value, first and second derivative of r ↦ cost(θ + r u) at r = 0, per direction.
+
+        Nested forward-mode JVPs: one pass with second-order dual numbers per direction.
+        ``directions`` (B, n) float64 unit vectors. Returns three (B,) float64 tensors.
+        """
+        theta = self.theta
+
+        def along(u):
+            def g(r):
+                return cost(self.outputs(theta + r * u))
+
+            def g_and_slope(r):
+                return jvp(g, (r,), (torch.ones_like(r),))
+
+            zero = torch.zeros((), dtype=torch.float64, device=theta.device)
+            (g0, g1), (_, g2) = jvp(g_and_slope, (zero,), (torch.ones_like(zero),))
+            return g0, g1, g2
+
+        with torch.no_grad():
+            g0, g1, g2 = vmap(along)(directions)
+        return g0.to(torch.float64), g1.to(torch.float64), g2.to(torch.float64)
+
+    def output_jacobian_probe(self, n_probes: int = 2, seed: int = 0) -> torch.Tensor:
+        """|Jᵀ v| summed over random cotangents v: exactly zero only on zero Jacobian columns."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        theta = self.theta.to(self.model_dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.outputs(theta)
+            total = torch.zeros_like(self.theta)
+            for _ in range(n_probes):
+                v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+                (g,) = torch.autograd.grad(out, theta, v, retain_graph=True)
+                total += g.detach().abs().to(torch.float64)
+        return total
+
+    # -- memory ---------------------------------------------------------------------------------
+    def bytes_per_direction(self) -> int:
+        """Rough memory of one direction in a vmapped forward: activations plus parameter copies."""
+        sizes = []
+
+        def hook(_module, _inp, out):
+            try:
+                t = extract_output(out)
+                sizes.append(t.numel() * t.element_size())
+            except TypeError:
+                pass
+
+        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+        try:
+            self.anchor_outputs()
+        finally:
+            for h in handles:
+                h.remove()
+        itemsize = torch.finfo(self.model_dtype).bits // 8 if self.model_dtype.is_floating_point else 4
+        return int(2 * sum(sizes) + 4 * self.space.n * max(itemsize, 8))
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes volsk may use for one batch of directions on ``device``."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(0.4 * free)
+    return 1 << 30  # 1 GiB on the CPU: large enough for throughput, small enough for laptops
+
+
+def choose_batch_size(model: FunctionalModel, n_directions: int, factor: float = 3.0) -> int:
+    """Directions per vmapped call from a memory budget (``factor`` covers the JVP's duals)."""
+    per = max(1, int(factor * model.bytes_per_direction()))
+    return int(max(1, min(n_directions, 512, memory_budget(model.device) // per)))

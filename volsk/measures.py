@@ -1,0 +1,293 @@
+"""Measures on parameter space: Lebesgue volume, Gaussian and uniform (box) priors.
+
+Each measure reduces, along a ray θ + r·u, to a one-dimensional radial integral
+I(u) = ∫_0^R ρ(θ + r u) r^{n-1} dr (DESIGN §1). A measure object is bound to the anchor with
+:meth:`bind`, which returns an object that computes per-direction coefficients (reductions over
+the parameter vector, float64) and the log radial integral from them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._math import (
+    gaussian_saturation_radius,
+    log_gaussian_radial_integral,
+    log_uniform_radial_integral,
+)
+
+__all__ = ["Lebesgue", "Gaussian", "Uniform", "MeasureContext", "resolve_measure"]
+
+
+@dataclass
+class MeasureContext:
+    """What a measure may look at when it is bound to an anchor.
+
+    ``theta`` (n,) float64, ``mask`` (n,) bool of the coordinates directions move in (flat
+    coordinates integrated out are False), ``space`` the :class:`~volsk._evaluate.ParameterSpace`,
+    ``module`` the evaluator's private copy of the model (never the user's).
+    """
+
+    theta: torch.Tensor
+    mask: torch.Tensor
+    space: object = None
+    module: object = None
+
+
+def _per_parameter(value, name, ctx, *, positive=True):
+    """A scalar, a length-n array or a {parameter name: value} dict → (n,) float64 tensor."""
+    n = ctx.theta.numel()
+    if isinstance(value, dict):
+        if ctx.space is None:
+            raise ValueError(f"{name} given as a dict needs the model's parameter names")
+        unknown = set(value) - set(ctx.space.names)
+        if unknown:
+            raise ValueError(
+                f"{name} names parameters the model does not have (or that are frozen): "
+                f"{sorted(unknown)}; trainable parameters are {ctx.space.names}"
+            )
+        missing = [k for k in ctx.space.names if k not in value]
+        if missing:
+            raise ValueError(f"{name} dict has no value for parameters {missing}")
+        pieces = [
+            torch.as_tensor(value[k], dtype=torch.float64).expand(shape).reshape(-1)
+            for k, shape in zip(ctx.space.names, ctx.space.shapes)
+        ]
+        out = torch.cat(pieces)
+    else:
+        out = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        if out.ndim == 0:
+            out = out.expand(n).clone()
+        elif out.shape != (n,):
+            raise ValueError(
+                f"{name} must be a scalar or have one entry per trainable parameter "
+                f"(length {n}), got shape {tuple(out.shape)}"
+            )
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} contains NaN or infinite entries")
+    if positive and (out <= 0).any():
+        raise ValueError(f"{name} must be > 0 everywhere, got min {float(out.min())}")
+    return out.to(ctx.theta.device)
+
+
+class Lebesgue:
+    """Lebesgue measure (ρ = 1): the volume of the neighbourhood.
+
+    Infinite when some direction never reaches the cutoff.
+
+    Examples
+    --------
+    >>> from volsk.measures import Lebesgue
+    >>> Lebesgue().is_probability
+    False
+    """
+
+    is_probability = False
+    name = "lebesgue"
+
+    def bind(self, ctx: MeasureContext):
+        return _BoundLebesgue(int(ctx.mask.sum()))
+
+    def __repr__(self):
+        return "Lebesgue()"
+
+
+class _BoundLebesgue:
+    def __init__(self, n):
+        self.n = n
+        self.log_normalizer = 0.0
+
+    def ray_coefficients(self, U):
+        return {}
+
+    def search_limit(self, coef, batch):
+        return np.full(batch, np.inf)
+
+    def log_radial_integral(self, coef, R):
+        R = np.asarray(R, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            return self.n * np.log(R) - math.log(self.n)
+
+
+class Gaussian:
+    """Gaussian prior N(mean, diag(sigma²)).
+
+    Parameters
+    ----------
+    sigma : float, array-like of length n, dict {parameter name: float} or "auto"
+        Standard deviation(s). "auto" is the root-mean-square of the anchor's parameters.
+    mean : float, array-like of length n or dict, default 0
+
+    Examples
+    --------
+    >>> from volsk.measures import Gaussian
+    >>> Gaussian(sigma=0.5)
+    Gaussian(sigma=0.5, mean=0.0)
+    """
+
+    is_probability = True
+    name = "gaussian"
+
+    def __init__(self, sigma="auto", mean=0.0):
+        self.sigma = sigma
+        self.mean = mean
+
+    def __repr__(self):
+        def short(v):
+            return v if np.ndim(v) == 0 or isinstance(v, str) else f"<array {np.shape(v)}>"
+
+        return f"Gaussian(sigma={short(self.sigma)}, mean={short(self.mean)})"
+
+    def resolve_sigma(self, ctx):
+        sigma = self.sigma
+        if isinstance(sigma, str):
+            if sigma == "auto":
+                rms = float(ctx.theta.pow(2).mean().sqrt())
+                if not rms > 0:
+                    raise ValueError('sigma="auto" needs a non-zero anchor; pass sigma explicitly')
+                return torch.full_like(ctx.theta, rms)
+            if sigma == "init":
+                from .priors import init_spread
+
+                return _per_parameter(init_spread(ctx, "gaussian"), "sigma", ctx)
+            raise ValueError(f'sigma must be a float, an array, "auto" or "init"; got {sigma!r}')
+        return _per_parameter(sigma, "sigma", ctx)
+
+    def bind(self, ctx: MeasureContext):
+        sigma = self.resolve_sigma(ctx)
+        mean = _per_parameter(self.mean, "mean", ctx, positive=False)
+        m = ctx.mask
+        return _BoundGaussian(ctx.theta[m], sigma[m], mean[m])
+
+
+class _BoundGaussian:
+    """Along a ray the exponent is −½(a r² + 2 b r + c) (DESIGN §1)."""
+
+    def __init__(self, theta, sigma, mean):
+        self.n = theta.numel()
+        self.inv_var = sigma.pow(-2)  # (n,)
+        self.offset = (theta - mean) * self.inv_var  # (n,)
+        c = float(((theta - mean).pow(2) * self.inv_var).sum())
+        self.sigma = sigma
+        self.log_normalizer = (
+            -0.5 * self.n * math.log(2 * math.pi) - float(sigma.log().sum()) - 0.5 * c
+        )
+
+    def ray_coefficients(self, U):
+        # U (B, n) float64 unit directions in the active coordinates
+        a = (U.pow(2) * self.inv_var).sum(1)
+        b = (U * self.offset).sum(1)
+        return {"a": a.cpu().numpy(), "b": b.cpu().numpy()}
+
+    def search_limit(self, coef, batch):
+        return gaussian_saturation_radius(self.n, coef["a"], coef["b"])
+
+    def log_radial_integral(self, coef, R):
+        return self.log_normalizer + log_gaussian_radial_integral(self.n, coef["a"], coef["b"], R)
+
+
+class Uniform:
+    """Uniform prior on the box ∏[mean_i − b_i, mean_i + b_i].
+
+    PyTorch's default ``nn.Linear``/``nn.Conv`` initialisation is such a box with
+    b = 1/sqrt(fan_in); ``bounds="init"`` derives it from the model.
+
+    Parameters
+    ----------
+    bounds : float, array-like of length n, dict {parameter name: float} or "init"
+        Half-widths b_i > 0.
+    mean : float, array-like or dict, default 0
+
+    Examples
+    --------
+    >>> from volsk.measures import Uniform
+    >>> Uniform(bounds=0.1)
+    Uniform(bounds=0.1, mean=0.0)
+    """
+
+    is_probability = True
+    name = "uniform"
+
+    def __init__(self, bounds="init", mean=0.0):
+        self.bounds = bounds
+        self.mean = mean
+
+    def __repr__(self):
+        def short(v):
+            return v if np.ndim(v) == 0 or isinstance(v, str) else f"<array {np.shape(v)}>"
+
+        return f"Uniform(bounds={short(self.bounds)}, mean={short(self.mean)})"
+
+    def bind(self, ctx: MeasureContext):
+        bounds = self.bounds
+        if isinstance(bounds, str):
+            if bounds != "init":
+                raise ValueError(f'bounds must be a float, an array or "init"; got {bounds!r}')
+            from .priors import init_spread
+
+            bounds = init_spread(ctx, "uniform")
+        half = _per_parameter(bounds, "bounds", ctx)
+        mean = _per_parameter(self.mean, "mean", ctx, positive=False)
+        m = ctx.mask
+        return _BoundUniform(ctx.theta[m], mean[m] - half[m], mean[m] + half[m])
+
+
+class _BoundUniform:
+    """The ray meets the box in [r_in, r_out] (a convex set); the density is 1/vol inside."""
+
+    def __init__(self, theta, low, high):
+        self.n = theta.numel()
+        self.theta, self.low, self.high = theta, low, high
+        self.log_normalizer = -float((high - low).log().sum())
+
+    def ray_coefficients(self, U):
+        # slab method; u_i = 0 leaves coordinate i fixed: inside its slab or the ray misses
+        with torch.no_grad():
+            safe = torch.where(U == 0, torch.ones_like(U), U)
+            t1 = (self.low - self.theta) / safe
+            t2 = (self.high - self.theta) / safe
+            near = torch.minimum(t1, t2)
+            far = torch.maximum(t1, t2)
+            inside = (self.theta >= self.low) & (self.theta <= self.high)
+            fixed = U == 0
+            near = torch.where(fixed, torch.where(inside, -np.inf, np.inf), near)
+            far = torch.where(fixed, torch.where(inside, np.inf, -np.inf), far)
+            r_in = near.max(1).values.clamp_min(0.0)
+            r_out = far.min(1).values
+        return {"r_in": r_in.cpu().numpy(), "r_out": r_out.cpu().numpy()}
+
+    def search_limit(self, coef, batch):
+        # beyond r_out the density is 0: a crossing there changes nothing
+        return np.maximum(coef["r_out"], 0.0)
+
+    def log_radial_integral(self, coef, R):
+        return self.log_normalizer + log_uniform_radial_integral(
+            self.n, coef["r_in"], coef["r_out"], R
+        )
+
+
+MEASURES = ("lebesgue", "gaussian", "uniform")
+
+
+def resolve_measure(measure, sigma="auto", bounds="init"):
+    """Turn the estimator's ``measure``/``sigma``/``bounds`` parameters into a measure object."""
+    if isinstance(measure, str):
+        if measure == "lebesgue":
+            return Lebesgue()
+        if measure == "gaussian":
+            return Gaussian(sigma=sigma)
+        if measure == "uniform":
+            return Uniform(bounds=bounds)
+        raise ValueError(
+            f"measure must be one of {MEASURES} or a volsk.measures object, got {measure!r}"
+        )
+    if hasattr(measure, "bind") and hasattr(measure, "is_probability"):
+        return measure
+    raise TypeError(
+        f"measure must be one of {MEASURES} or a volsk.measures object (Lebesgue, Gaussian, "
+        f"Uniform), got {type(measure).__name__}"
+    )
