@@ -15,7 +15,7 @@ def quadratic_problem(curvatures, anchor=None, dtype=torch.float64):
     n = lam.size
     model = torch.nn.Linear(n, 1, bias=False).to(dtype)
     with torch.no_grad():
-        w = torch.zeros(1, n, dtype=dtype) if anchor is None else torch.as_tensor(anchor, dtype=dtype)
+        w = torch.zeros(1, n) if anchor is None else torch.as_tensor(anchor, dtype=dtype)
         model.weight.copy_(w.reshape(1, n))
     X = torch.diag(torch.as_tensor(np.sqrt(n * lam), dtype=dtype))
     return model, X
@@ -29,7 +29,7 @@ def rotated_quadratic_problem(H, anchor=None, dtype=torch.float64):
     root = vecs @ np.diag(np.sqrt(vals)) @ vecs.T
     model = torch.nn.Linear(n, 1, bias=False).to(dtype)
     with torch.no_grad():
-        w = torch.zeros(1, n, dtype=dtype) if anchor is None else torch.as_tensor(anchor, dtype=dtype)
+        w = torch.zeros(1, n) if anchor is None else torch.as_tensor(anchor, dtype=dtype)
         model.weight.copy_(w.reshape(1, n))
     X = torch.as_tensor(math.sqrt(n) * root, dtype=dtype)
     return model, X

@@ -1,4 +1,4 @@
-"""LocalVolumeEstimator behaviour: reproducibility, the user's model untouched, bad input, flatness."""
+"""LocalVolumeEstimator: reproducibility, the user's model untouched, bad input, flatness."""
 
 import math
 import pickle

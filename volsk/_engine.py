@@ -25,12 +25,15 @@ from .preconditioners import PreconditionerContext
 __all__ = ["Problem", "prepare_problem", "estimate_directions", "find_flat_coordinates"]
 
 MAX_RADIUS_FACTOR = 1e8  # rays still below the cutoff at 1e8·max(1, |θ|) never cross
+BLOCK_BYTES = 64 << 20  # directions drawn together: their float64 matrix stays under 64 MiB
+MAX_BLOCK = 1024
 
 
 @dataclass
 class Problem:
     evaluator: FunctionalModel
     cost: object
+    curvature: object  # (transform, reduce) for the one-JVP Taylor guess, or None
     anchor_cost: float
     cutoff: float
     rtol: float
@@ -57,38 +60,75 @@ def _anchor_outputs(evaluator):
         ) from exc
 
 
-def find_flat_coordinates(evaluator, cost, anchor_cost, max_individual=4096):
+def find_flat_coordinates(evaluator, cost, anchor_cost):
     """Coordinates that cannot change the cost on X (DESIGN §4).
 
-    Candidates are zero columns of the output Jacobian over X (two random cotangents). A
-    candidate is kept only if moving it alone, far in both directions, leaves the cost exactly
-    at its anchor value, and moving all kept ones together does too.
+    Candidates are zero columns of the output Jacobian over X (two random cotangents). A set of
+    candidates is confirmed when moving all of them together, far and at random (two draws),
+    leaves the cost exactly at its anchor value; a set that fails is split in halves (group
+    testing), so the usual case — all candidates flat — costs two evaluations.
     """
     probe = evaluator.output_jacobian_probe()
-    candidates = torch.nonzero(probe == 0).flatten()
+    candidates = torch.nonzero(probe == 0).flatten().cpu()
     if candidates.numel() == 0:
         return np.zeros(0, dtype=np.int64)
     theta = evaluator.theta
     step = 10.0 * max(1.0, float(theta.abs().max()))
-    if candidates.numel() <= max_individual:
-        keep = []
-        for chunk in torch.split(candidates, 256):
-            rows = torch.arange(chunk.numel())
-            for sign in (1.0, -1.0):
-                thetas = theta.repeat(chunk.numel(), 1)
-                thetas[rows, chunk] += sign * step
-                keep.append(evaluator.costs(cost, thetas) == anchor_cost)
-        ok = torch.stack([torch.cat(keep[0::2]), torch.cat(keep[1::2])]).all(0)
-        candidates = candidates[ok.cpu()]
-    if candidates.numel() == 0:
-        return np.zeros(0, dtype=np.int64)
     gen = torch.Generator().manual_seed(0)
-    thetas = theta.repeat(2, 1)
-    noise = torch.randn(2, candidates.numel(), generator=gen, dtype=torch.float64)
-    thetas[:, candidates] += step * noise.to(theta.device)
-    if not bool((evaluator.costs(cost, thetas) == anchor_cost).all()):
+
+    def all_flat(group):
+        thetas = theta.repeat(2, 1)
+        noise = torch.randn(2, group.numel(), generator=gen, dtype=torch.float64)
+        thetas[:, group.to(theta.device)] += step * noise.to(theta.device)
+        return bool((evaluator.costs(cost, thetas) == anchor_cost).all())
+
+    flat, pending = [], [candidates]
+    while pending:
+        group = pending.pop()
+        if all_flat(group):
+            flat.append(group)
+        elif group.numel() > 1:
+            half = group.numel() // 2
+            pending += [group[:half], group[half:]]
+    if not flat:
         return np.zeros(0, dtype=np.int64)
-    return candidates.cpu().numpy()
+    found = torch.cat(flat)
+    # flat one by one need not mean flat together (two weights into one dead unit)
+    if not all_flat(found):
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(found.numpy())
+
+
+def _masked_mean(values, mask):
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum()
+
+
+def _anchor_curvature(cost, anchor, output, mask):
+    """Second directional derivative at the anchor as a quadratic form in one JVP's tangent.
+
+    KL(p₀ ‖ p): value and slope are 0 at the anchor and d²/dr² = Σ_v p₀ (d log p_v/dr)²
+    (because Σ_v d²p_v = 0). MSE: d²/dr² = 2·mean (d f/dr)². Other costs use nested JVPs.
+    """
+    from .costs import to_log_probs
+
+    if cost == "kl":
+        log_p0 = to_log_probs(anchor, output).detach()
+        p0 = log_p0.exp()
+
+        def transform(out):
+            return to_log_probs(out, output)
+
+        def reduce(t):
+            terms = torch.where(p0 > 0, p0 * t * t, torch.zeros_like(t))
+            return _masked_mean(terms.sum(-1), mask)
+
+        return transform, reduce
+    if cost == "mse":
+        return (lambda out: out), (lambda t: 2.0 * (t * t).mean())
+    return None
 
 
 def prepare_problem(
@@ -124,6 +164,7 @@ def prepare_problem(
         y = y.to(evaluator.device)
     mask = attention_mask.to(evaluator.device) if attention_mask is not None else None
     cost_fn = make_cost(cost, anchor, output=output, y=y, mask=mask)
+    curvature = _anchor_curvature(cost, anchor, output, mask)
     with torch.no_grad():
         anchor_cost = float(cost_fn(anchor))
     if not np.isfinite(anchor_cost):
@@ -171,6 +212,7 @@ def prepare_problem(
     return Problem(
         evaluator=evaluator,
         cost=cost_fn,
+        curvature=curvature,
         anchor_cost=anchor_cost,
         cutoff=float(cutoff),
         rtol=float(rtol),
@@ -184,19 +226,32 @@ def prepare_problem(
     )
 
 
+def _block_size(problem: Problem, n: int) -> int:
+    """Directions drawn together: many (so measure integrals and the search loop are
+    vectorised), but their k × n float64 matrix within ``BLOCK_BYTES``."""
+    by_memory = max(1, BLOCK_BYTES // (8 * max(1, n)))
+    return int(max(problem.batch_size, min(by_memory, MAX_BLOCK)))
+
+
 def estimate_directions(problem: Problem, indices, seed: int, progress=None) -> dict:
-    """Per-direction records for the direction indices ``indices`` (a block of ints)."""
+    """Per-direction records for the direction indices ``indices`` (a block of ints).
+
+    Directions are drawn in blocks; the radius search runs on a whole block at once and each
+    of its evaluations is split into vmapped batches of ``problem.batch_size`` directions.
+    """
     ev = problem.evaluator
     n_act = problem.n_active
     log_area = log_sphere_area(n_act)
     theta = ev.theta
     cols = torch.nonzero(problem.mask).flatten()
     every_active = cols.numel() == theta.numel()
+    bs = problem.batch_size
     out = {k: [] for k in ("index", "log_volume", "radius", "cost_at_radius", "log_weight",
                            "log_radial_integral", "evaluations", "status")}
     indices = np.asarray(list(indices), dtype=np.int64)
-    for start in range(0, indices.size, problem.batch_size):
-        block = indices[start : start + problem.batch_size]
+    step = _block_size(problem, theta.numel())
+    for start in range(0, indices.size, step):
+        block = indices[start : start + step]
         U_act, log_w = draw_directions(n_act, block, seed, problem.preconditioner, ev.device)
         coef = problem.measure.ray_coefficients(U_act)
         limit = np.minimum(problem.measure.search_limit(coef, block.size), problem.max_radius)
@@ -209,10 +264,21 @@ def estimate_directions(problem: Problem, indices, seed: int, progress=None) -> 
         def evaluate(pos, r, U=U):
             pos_t = torch.as_tensor(pos, device=ev.device)
             r_t = torch.as_tensor(r, dtype=torch.float64, device=ev.device)
-            return ev.costs(problem.cost, theta + r_t[:, None] * U[pos_t]).cpu().numpy()
+            parts = [
+                ev.costs(problem.cost, theta + r_t[i : i + bs, None] * U[pos_t[i : i + bs]])
+                for i in range(0, pos_t.numel(), bs)
+            ]
+            return torch.cat(parts).cpu().numpy()
 
         def taylor(U=U):
-            return tuple(t.cpu().numpy() for t in ev.ray_taylor(problem.cost, U))
+            chunks = [U[i : i + bs] for i in range(0, U.shape[0], bs)]
+            if problem.curvature is not None:
+                g2 = torch.cat([ev.ray_curvature(*problem.curvature, c) for c in chunks])
+                g2 = g2.cpu().numpy()
+                zeros = np.zeros_like(g2)
+                return zeros + problem.anchor_cost, zeros, g2
+            parts = [ev.ray_taylor(problem.cost, c) for c in chunks]
+            return tuple(torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(3))
 
         res = find_radii(
             evaluate, taylor, limit, problem.cutoff, problem.rtol, anchor_cost=problem.anchor_cost

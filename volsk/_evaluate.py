@@ -19,7 +19,7 @@ __all__ = ["ParameterSpace", "FunctionalModel", "extract_output"]
 
 
 def extract_output(out):
-    """Return the tensor a model's forward produced: a tensor, a tuple's first item or ``.logits``."""
+    """The tensor a model's forward produced: a tensor, a tuple's first item or ``.logits``."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -73,7 +73,7 @@ class ParameterSpace:
         return np.concatenate([[0], np.cumsum(self.numels)]).astype(np.int64)
 
     def unflatten(self, flat: torch.Tensor) -> dict:
-        """Split a flat vector (n,) into ``{name: tensor}`` with each parameter's shape and dtype."""
+        """Split a flat vector (n,) into ``{name: tensor}`` with each parameter's shape, dtype."""
         pieces = torch.split(flat, self.numels)
         return {
             name: piece.reshape(shape).to(dtype)
@@ -182,7 +182,7 @@ class FunctionalModel:
     def costs(self, cost, thetas: torch.Tensor) -> torch.Tensor:
         """``cost`` at each row of ``thetas`` (B, n) → (B,) float64. One batched forward pass."""
         with torch.no_grad():
-            values = vmap(lambda flat: cost(self.outputs(flat)))(thetas)
+            values = _vmap_rows(lambda flat: cost(self.outputs(flat)), thetas)
         return values.to(torch.float64)
 
     def ray_taylor(self, cost, directions: torch.Tensor):
@@ -205,8 +205,25 @@ class FunctionalModel:
             return g0, g1, g2
 
         with torch.no_grad():
-            g0, g1, g2 = vmap(along)(directions)
+            g0, g1, g2 = _vmap_rows(along, directions)
         return g0.to(torch.float64), g1.to(torch.float64), g2.to(torch.float64)
+
+    def ray_curvature(self, transform, reduce, directions: torch.Tensor) -> torch.Tensor:
+        """``reduce(tangent)`` per direction, where tangent = d/dr transform(outputs(θ + r u)) at 0.
+
+        One first-order forward-mode JVP per direction; the primal pass is shared by the whole
+        batch (θ is not batched). For costs whose second derivative at the anchor is a
+        quadratic form in this tangent (KL: Σ p₀ t², MSE: 2·mean t²) this replaces the nested
+        JVP of :meth:`ray_taylor` at a fraction of its price.
+        """
+        theta = self.theta
+
+        def along(u):
+            _, tangent = jvp(lambda th: transform(self.outputs(th)), (theta,), (u,))
+            return reduce(tangent)
+
+        with torch.no_grad():
+            return _vmap_rows(along, directions).to(torch.float64)
 
     def output_jacobian_probe(self, n_probes: int = 2, seed: int = 0) -> torch.Tensor:
         """|Jᵀ v| summed over random cotangents v: exactly zero only on zero Jacobian columns."""
@@ -239,8 +256,20 @@ class FunctionalModel:
         finally:
             for h in handles:
                 h.remove()
-        itemsize = torch.finfo(self.model_dtype).bits // 8 if self.model_dtype.is_floating_point else 4
-        return int(2 * sum(sizes) + 4 * self.space.n * max(itemsize, 8))
+        # activations (kept for the cost) + a float64 perturbed copy and its cast per direction
+        return int(2 * sum(sizes) + 4 * 8 * self.space.n)
+
+
+def _vmap_rows(fn, rows):
+    """``vmap(fn)(rows)``, with a single row padded to two.
+
+    A batch of one is dispatched to different kernels (mm instead of bmm) whose rounding
+    differs in the last bits; padding keeps every direction's numbers identical whatever the
+    batch size, so results do not depend on ``batch_size``.
+    """
+    if rows.shape[0] == 1:
+        return vmap(fn)(rows.expand(2, *rows.shape[1:]))[:1]
+    return vmap(fn)(rows)
 
 
 def memory_budget(device: torch.device) -> int:
@@ -248,7 +277,10 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(0.4 * free)
-    return 1 << 30  # 1 GiB on the CPU: large enough for throughput, small enough for laptops
+    # On the CPU a batch whose activations stay in cache is fastest: measured on the digits MLP
+    # (1 thread), 16 directions per vmapped call cost 0.14 ms each (= one plain forward), 300
+    # per call cost 0.68 ms each (memory bound). Larger models get one direction at a time.
+    return 16 << 20
 
 
 def choose_batch_size(model: FunctionalModel, n_directions: int, factor: float = 3.0) -> int:
