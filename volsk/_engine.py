@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._evaluate import FunctionalModel, choose_batch_size
+from ._evaluate import BatchedCost, FunctionalModel, choose_batch_size
 from ._math import log_sphere_area
 from ._radius import find_radii
 from ._sampling import draw_directions
@@ -50,9 +50,9 @@ class Problem:
         return int(self.mask.sum())
 
 
-def _anchor_outputs(evaluator):
+def _anchor_outputs(evaluator, batch=None):
     try:
-        return evaluator.anchor_outputs()
+        return evaluator.anchor_outputs(batch)
     except (RuntimeError, ValueError, IndexError) as exc:
         raise ValueError(
             f"X does not fit the model: the forward pass on X failed ({exc}). Check that X has "
@@ -131,6 +131,37 @@ def _anchor_curvature(cost, anchor, output, mask):
     return None
 
 
+def _bind_cost(evaluator, cost, output, batch_y):
+    """The cost (a callable, or a BatchedCost over data batches) and its anchor curvature."""
+    parts, sizes, masses, reduces = [], [], [], []
+    transform = None
+    for b, batch in enumerate(evaluator.batches):
+        anchor = _anchor_outputs(evaluator, b)
+        mask = batch.kwargs.get("attention_mask")
+        if mask is None and isinstance(batch.X, dict):
+            mask = batch.X.get("attention_mask")
+        y = batch_y[b]
+        if y is not None:
+            y = y.to(evaluator.device)
+        parts.append(make_cost(cost, anchor, output=output, y=y, mask=mask))
+        sizes.append(int(anchor.shape[0]))
+        # the cost is a mean over examples, or over unmasked tokens when a mask is used
+        masses.append(float(mask.sum()) if mask is not None and cost != "mse" else batch.n)
+        curvature = _anchor_curvature(cost, anchor, output, mask)
+        if curvature is not None:
+            transform = curvature[0]
+            reduces.append(curvature[1])
+    if len(parts) == 1:
+        return parts[0], (None if transform is None else (transform, reduces[0]))
+    total = sum(masses)
+    weights = [m / total for m in masses]
+    batched = BatchedCost(parts, weights, sizes)
+    if transform is None:
+        return batched, None
+    weighted = [lambda t, r=r, w=w: w * r(t) for r, w in zip(reduces, weights)]
+    return batched, (transform, weighted)
+
+
 def prepare_problem(
     module,
     X,
@@ -152,21 +183,27 @@ def prepare_problem(
     random_state=0,
     forward_kwargs=None,
     evaluator=None,
+    data_batch_size=None,
+    batches=None,
+    batch_y=None,
 ):
-    """Bind everything that does not depend on the directions drawn."""
+    """Bind everything that does not depend on the directions drawn.
+
+    ``batches``/``batch_y``: data already split (a DataLoader's batches and their labels);
+    otherwise X (and y, attention_mask) are split into ``data_batch_size`` examples.
+    """
     if evaluator is None:
         kwargs = dict(forward_kwargs or {})
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        evaluator = FunctionalModel(module, X, device, forward_kwargs=kwargs)
-    anchor = _anchor_outputs(evaluator)
-    if y is not None:
-        y = y.to(evaluator.device)
-    mask = attention_mask.to(evaluator.device) if attention_mask is not None else None
-    cost_fn = make_cost(cost, anchor, output=output, y=y, mask=mask)
-    curvature = _anchor_curvature(cost, anchor, output, mask)
+        evaluator = FunctionalModel(module, X, device, forward_kwargs=kwargs,
+                                    data_batch_size=data_batch_size, batches=batches)
+    if batch_y is None:
+        sizes = [b.n for b in evaluator.batches]
+        batch_y = [None] * len(sizes) if y is None else list(torch.split(y, sizes))
+    cost_fn, curvature = _bind_cost(evaluator, cost, output, batch_y)
     with torch.no_grad():
-        anchor_cost = float(cost_fn(anchor))
+        anchor_cost = float(evaluator.costs(cost_fn, evaluator.theta[None])[0])
     if not np.isfinite(anchor_cost):
         raise ValueError(f"the cost at the anchor is {anchor_cost}; it must be finite")
     if anchor_cost >= cutoff:

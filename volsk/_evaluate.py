@@ -113,10 +113,17 @@ class FunctionalModel:
         The inputs on which the neighbourhood is defined (moved to ``device``).
     device : torch.device
     forward_kwargs : dict, optional
-        Extra keyword arguments for ``forward`` (e.g. ``attention_mask``).
+        Extra keyword arguments for ``forward`` (e.g. ``attention_mask``); tensors whose first
+        axis has one entry per example are split with X.
+    data_batch_size : int, optional
+        Evaluate X in batches of this many examples (costs are exact weighted means over
+        batches). None: X in one forward pass.
+    batches : list of DataBatch, optional
+        Pre-split data (from a DataLoader); then ``X`` is None.
     """
 
-    def __init__(self, module, X, device, forward_kwargs=None):
+    def __init__(self, module, X, device, forward_kwargs=None, data_batch_size=None,
+                 batches=None):
         self.device = torch.device(device)
         self.module = copy.deepcopy(module).to(self.device)
         self.module.eval()
@@ -139,9 +146,21 @@ class FunctionalModel:
             k: v for k, v in self.module.named_parameters() if k not in set(self.space.names)
         }
         self.fixed.update(dict(self.module.named_buffers()))
-        self.X = self._to_device(X)
-        self.forward_kwargs = {k: self._to_device(v) for k, v in (forward_kwargs or {}).items()}
-        self.n_examples = self._n_examples(self.X)
+        if batches is None:
+            self.X = self._to_device(X)
+            self.forward_kwargs = {
+                k: self._to_device(v) for k, v in (forward_kwargs or {}).items()
+            }
+            self.n_examples = self._n_examples(self.X)
+            self.batches = split_batches(self.X, self.forward_kwargs, data_batch_size)
+        else:
+            self.batches = [
+                DataBatch(self._to_device(b.X), {k: self._to_device(v) for k, v in
+                                                 b.kwargs.items()}, b.n)
+                for b in batches
+            ]
+            self.n_examples = sum(b.n for b in self.batches)
+            self.X, self.forward_kwargs = concatenate_batches(self.batches)
 
     def _to_device(self, X):
         if isinstance(X, torch.Tensor):
@@ -161,29 +180,48 @@ class FunctionalModel:
         return int(X[0].shape[0])
 
     # -- single evaluations -------------------------------------------------------------------
-    def outputs(self, flat: torch.Tensor) -> torch.Tensor:
-        """Model outputs on X at the flat parameter vector ``flat`` (n,)."""
+    def outputs(self, flat: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Model outputs at the flat parameter vector ``flat`` (n,): on all of X, or on one
+        data batch."""
         params = self.space.unflatten(flat.to(self.model_dtype))
         params.update(self.fixed)
-        X = self.X
-        if isinstance(X, dict):
-            out = functional_call(self.module, params, args=(), kwargs={**X, **self.forward_kwargs})
-        elif isinstance(X, tuple):
-            out = functional_call(self.module, params, args=X, kwargs=self.forward_kwargs)
+        if batch is None:
+            if self.X is None:
+                raise ValueError(
+                    "this computation needs all of X in one forward pass, but X came as "
+                    "batches of different shapes; pass X as one tensor"
+                )
+            X, kwargs = self.X, self.forward_kwargs
         else:
-            out = functional_call(self.module, params, args=(X,), kwargs=self.forward_kwargs)
+            X, kwargs = self.batches[batch].X, self.batches[batch].kwargs
+        if isinstance(X, dict):
+            out = functional_call(self.module, params, args=(), kwargs={**X, **kwargs})
+        elif isinstance(X, tuple):
+            out = functional_call(self.module, params, args=X, kwargs=kwargs)
+        else:
+            out = functional_call(self.module, params, args=(X,), kwargs=kwargs)
         return extract_output(out)
 
-    def anchor_outputs(self) -> torch.Tensor:
+    def anchor_outputs(self, batch: int | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return self.outputs(self.theta).detach()
+            return self.outputs(self.theta, batch).detach()
 
     # -- batched evaluations ------------------------------------------------------------------
     def costs(self, cost, thetas: torch.Tensor) -> torch.Tensor:
-        """``cost`` at each row of ``thetas`` (B, n) → (B,) float64. One batched forward pass."""
+        """``cost`` at each row of ``thetas`` (B, n) → (B,) float64.
+
+        One vmapped forward pass per data batch; a :class:`BatchedCost` is the weighted sum of
+        its per-batch costs, a plain callable is evaluated on all of X.
+        """
         with torch.no_grad():
-            values = _vmap_rows(lambda flat: cost(self.outputs(flat)), thetas)
-        return values.to(torch.float64)
+            if not isinstance(cost, BatchedCost):
+                return _vmap_rows(lambda flat: cost(self.outputs(flat)), thetas).double()
+            total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
+            for b, (part, weight) in enumerate(zip(cost.parts, cost.weights)):
+                values = _vmap_rows(lambda flat, b=b, part=part: part(self.outputs(flat, b)),
+                                    thetas)
+                total += weight * values.double()
+        return total
 
     def ray_taylor(self, cost, directions: torch.Tensor):
         """Value, first and second derivative of r ↦ cost(θ + r u) at r = 0, per direction.
@@ -192,10 +230,19 @@ class FunctionalModel:
         ``directions`` (B, n) float64 unit vectors. Returns three (B,) float64 tensors.
         """
         theta = self.theta
+        if isinstance(cost, BatchedCost):
+            parts = list(enumerate(zip(cost.parts, cost.weights)))
+
+            def full(th):
+                return sum(w * part(self.outputs(th, b)) for b, (part, w) in parts)
+        else:
+
+            def full(th):
+                return cost(self.outputs(th))
 
         def along(u):
             def g(r):
-                return cost(self.outputs(theta + r * u))
+                return full(theta + r * u)
 
             def g_and_slope(r):
                 return jvp(g, (r,), (torch.ones_like(r),))
@@ -217,25 +264,32 @@ class FunctionalModel:
         JVP of :meth:`ray_taylor` at a fraction of its price.
         """
         theta = self.theta
-
-        def along(u):
-            _, tangent = jvp(lambda th: transform(self.outputs(th)), (theta,), (u,))
-            return reduce(tangent)
-
+        reduces = reduce if isinstance(reduce, (list, tuple)) else [reduce]
+        batches = [None] if len(reduces) == 1 and not isinstance(reduce, (list, tuple)) else (
+            range(len(reduces)))
+        total = torch.zeros(directions.shape[0], dtype=torch.float64, device=directions.device)
         with torch.no_grad():
-            return _vmap_rows(along, directions).to(torch.float64)
+            for b, red in zip(batches, reduces):
+
+                def along(u, b=b, red=red):
+                    _, tangent = jvp(lambda th: transform(self.outputs(th, b)), (theta,), (u,))
+                    return red(tangent)
+
+                total += _vmap_rows(along, directions).double()
+        return total
 
     def output_jacobian_probe(self, n_probes: int = 2, seed: int = 0) -> torch.Tensor:
         """|Jᵀ v| summed over random cotangents v: exactly zero only on zero Jacobian columns."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         theta = self.theta.to(self.model_dtype).detach().requires_grad_(True)
+        total = torch.zeros_like(self.theta)
         with torch.enable_grad():
-            out = self.outputs(theta)
-            total = torch.zeros_like(self.theta)
-            for _ in range(n_probes):
-                v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
-                (g,) = torch.autograd.grad(out, theta, v, retain_graph=True)
-                total += g.detach().abs().to(torch.float64)
+            for b in range(len(self.batches)):
+                out = self.outputs(theta, b)
+                for _ in range(n_probes):
+                    v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+                    (g,) = torch.autograd.grad(out, theta, v, retain_graph=True)
+                    total += g.detach().abs().to(torch.float64)
         return total
 
     # -- memory ---------------------------------------------------------------------------------
@@ -252,12 +306,84 @@ class FunctionalModel:
 
         handles = [m.register_forward_hook(hook) for m in self.module.modules()]
         try:
-            self.anchor_outputs()
+            self.anchor_outputs(0)
         finally:
             for h in handles:
                 h.remove()
         # activations (kept for the cost) + a float64 perturbed copy and its cast per direction
         return int(2 * sum(sizes) + 4 * 8 * self.space.n)
+
+
+@dataclass
+class DataBatch:
+    """One slice of the data: model inputs, forward keyword arguments, number of examples."""
+
+    X: object
+    kwargs: dict
+    n: int
+
+
+class BatchedCost:
+    """A cost that is a weighted mean of per-data-batch costs: C = Σ_b w_b C_b.
+
+    Exact for costs that are means over examples (or unmasked tokens): w_b is the batch's
+    share of the examples (tokens). Calling it on outputs for all of X splits them by batch.
+    """
+
+    def __init__(self, parts, weights, sizes):
+        self.parts = list(parts)
+        self.weights = [float(w) for w in weights]
+        self.sizes = list(sizes)
+
+    def __call__(self, outputs):
+        pieces = torch.split(outputs, self.sizes)
+        return sum(w * part(o) for part, w, o in zip(self.parts, self.weights, pieces))
+
+    def __len__(self):
+        return len(self.parts)
+
+
+def _slice(value, start, stop, n):
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n:
+        return value[start:stop]
+    if isinstance(value, dict):
+        return {k: _slice(v, start, stop, n) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_slice(v, start, stop, n) for v in value)
+    return value
+
+
+def split_batches(X, kwargs, batch_size):
+    """Split X (and per-example forward kwargs) into batches of ``batch_size`` examples."""
+    n = FunctionalModel._n_examples(X)
+    if batch_size is None or batch_size >= n:
+        return [DataBatch(X, kwargs, n)]
+    return [
+        DataBatch(_slice(X, i, min(i + batch_size, n), n),
+                  {k: _slice(v, i, min(i + batch_size, n), n) for k, v in kwargs.items()},
+                  min(i + batch_size, n) - i)
+        for i in range(0, n, batch_size)
+    ]
+
+
+def concatenate_batches(batches):
+    """All of X from its batches, or (None, {}) when their shapes do not line up."""
+    def cat(values):
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(values)
+        if isinstance(first, dict):
+            return {k: cat([v[k] for v in values]) for k in first}
+        if isinstance(first, tuple):
+            return tuple(cat([v[i] for v in values]) for i in range(len(first)))
+        return first
+
+    try:
+        X = cat([b.X for b in batches])
+        kwargs = {k: cat([b.kwargs[k] for b in batches]) for k in batches[0].kwargs}
+    except (RuntimeError, KeyError):
+        return None, {}
+    return X, kwargs
 
 
 def _vmap_rows(fn, rows):

@@ -68,6 +68,11 @@ class LocalVolumeEstimator(BaseEstimator):
     batch_size : int or None, default=None
         Directions evaluated together (None: chosen from a memory budget). Results do not
         depend on it.
+    data_batch_size : int or None, default=None
+        Examples of X per forward pass (None: all of X at once). The cost over batches equals
+        the full-batch cost (an exact weighted mean, token masks included), so results do not
+        depend on it beyond rounding. X may also be a ``torch.utils.data.DataLoader`` (not
+        shuffling): its batches are used as they come.
     device : "auto", str or torch.device, default="auto"
         Where to evaluate ("auto": cuda when available). The user's model is never moved.
     random_state : int, RandomState instance or None, default=None
@@ -143,6 +148,7 @@ class LocalVolumeEstimator(BaseEstimator):
         "preconditioner_exponent": [Interval(Real, 0, None, closed="left")],
         "rtol": [Interval(Real, 0, 1, closed="neither")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
+        "data_batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto"}), str, torch.device],
         "random_state": ["random_state"],
         "n_jobs": [None, Integral],
@@ -164,6 +170,7 @@ class LocalVolumeEstimator(BaseEstimator):
         preconditioner_exponent=0.5,
         rtol=1e-3,
         batch_size=None,
+        data_batch_size=None,
         device="auto",
         random_state=None,
         n_jobs=None,
@@ -181,6 +188,7 @@ class LocalVolumeEstimator(BaseEstimator):
         self.preconditioner_exponent = preconditioner_exponent
         self.rtol = rtol
         self.batch_size = batch_size
+        self.data_batch_size = data_batch_size
         self.device = device
         self.random_state = random_state
         self.n_jobs = n_jobs
@@ -285,8 +293,17 @@ class LocalVolumeEstimator(BaseEstimator):
         return tqdm(total=total, desc="directions", leave=False)
 
     def _prepare(self, model, X, y, optimizer, attention_mask):
+        batches = batch_y = None
+        if isinstance(X, torch.utils.data.DataLoader):
+            if y is not None or attention_mask is not None:
+                raise ValueError(
+                    "X is a DataLoader: its batches carry the labels and masks; pass y=None "
+                    "and attention_mask=None"
+                )
+            batches, batch_y = batches_from_loader(X)
+            X = None
         resolved = resolve_model(model, X)
-        X = _as_input(resolved.X)
+        X = _as_input(resolved.X) if batches is None else None
         output = resolved.output if self.output == "auto" else self.output
         if y is not None:
             y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
@@ -315,15 +332,29 @@ class LocalVolumeEstimator(BaseEstimator):
             attention_mask=attention_mask,
             optimizer=optimizer,
             random_state=self.seed_,
+            data_batch_size=self.data_batch_size,
+            batches=batches,
+            batch_y=batch_y,
         )
 
     @staticmethod
     def _fingerprint_of(problem):
         h = hashlib.sha256()
         h.update(problem.evaluator.theta.cpu().numpy().tobytes())
-        X = problem.evaluator.X
-        for t in (X.values() if isinstance(X, dict) else [X] if torch.is_tensor(X) else X):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+
+        def feed(value):
+            if isinstance(value, torch.Tensor):
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            elif isinstance(value, dict):
+                for k in sorted(value):
+                    feed(value[k])
+            elif isinstance(value, (tuple, list)):
+                for v in value:
+                    feed(v)
+
+        for batch in problem.evaluator.batches:
+            feed(batch.X)
+            feed(batch.kwargs)
         return h.hexdigest()
 
     def _finish(self, problem):
@@ -476,6 +507,34 @@ def _as_input(X):
     if torch.is_floating_point(X) and not torch.isfinite(X).all():
         raise ValueError("X contains NaN or infinite values")
     return X
+
+
+def batches_from_loader(loader):
+    """Materialise a DataLoader's batches once (CPU tensors) so every evaluation sees the same
+    data: items are tensors, ``(x, y)`` pairs or dicts (Hugging Face style; ``"labels"`` is
+    taken as y, ``"attention_mask"`` is passed to the model and masks the cost)."""
+    from ._evaluate import DataBatch
+
+    batches, ys = [], []
+    for item in loader:
+        y = None
+        if isinstance(item, dict):
+            item = dict(item)
+            y = item.pop("labels", None)
+            x = {k: _as_input(v) for k, v in item.items()}
+        elif isinstance(item, (tuple, list)):
+            x = _as_input(item[0])
+            y = item[1] if len(item) > 1 else None
+        else:
+            x = _as_input(item)
+        n = _n_examples(x)
+        batches.append(DataBatch(x, {}, n))
+        ys.append(None if y is None else torch.as_tensor(y))
+    if not batches:
+        raise ValueError("X is an empty DataLoader: it must yield at least one batch")
+    if any(v is None for v in ys) and not all(v is None for v in ys):
+        raise ValueError("the DataLoader yields labels for some batches and not for others")
+    return batches, ys
 
 
 def _n_examples(X):
