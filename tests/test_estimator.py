@@ -274,3 +274,15 @@ def test_lebesgue_ball_with_float32_model_is_accurate_to_rtol():
     est = LocalVolumeEstimator(0.01, "lebesgue", cost="mse", n_samples=4, rtol=1e-4,
                                random_state=0).fit(model, X)
     assert abs(est.log_volume_ - log_ball_volume(20, 0.1)) < 20 * 1e-4
+
+
+@pytest.mark.parametrize("backend", ["loky", "threading"])
+def test_n_jobs_gives_identical_samples_under_any_backend(backend):
+    import joblib
+
+    net, X = small_mlp()
+    ref = LocalVolumeEstimator(sigma=0.5, n_samples=9, random_state=3).fit(net, X)
+    with joblib.parallel_config(backend=backend):
+        est = LocalVolumeEstimator(sigma=0.5, n_samples=9, random_state=3, n_jobs=2).fit(net, X)
+    np.testing.assert_array_equal(est.sample_log_volumes_, ref.sample_log_volumes_)
+    np.testing.assert_array_equal(est.samples_["direction"], np.arange(9))

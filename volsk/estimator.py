@@ -9,6 +9,7 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 import torch
+from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
@@ -78,7 +79,10 @@ class LocalVolumeEstimator(BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Direction i is drawn from a generator seeded by (random_state, i).
     n_jobs : int or None, default=None
-        Reserved for joblib workers over directions.
+        joblib workers over directions (None: 1 unless a ``joblib.parallel_config`` says
+        otherwise; -1: all CPUs). Results are identical whatever the number of workers and the
+        backend; with process backends the prepared problem (a copy of the model and X) is
+        sent to each worker.
     verbose : int, default=0
         > 0 shows a progress bar.
 
@@ -230,9 +234,7 @@ class LocalVolumeEstimator(BaseEstimator):
         self._problem = None
         self.seed_ = self._base_seed()
         problem = self._prepare(model, X, y, optimizer, attention_mask)
-        self._records = estimate_directions(
-            problem, range(self.n_samples), self.seed_, progress=self._progress(self.n_samples)
-        )
+        self._records = self._estimate(problem, range(self.n_samples))
         self._fingerprint = self._fingerprint_of(problem)
         self._finish(problem)
         return self
@@ -264,12 +266,27 @@ class LocalVolumeEstimator(BaseEstimator):
                 "only be extended on the same anchor and data. Call fit to start a new one."
             )
         start = len(self._records["index"])
-        new = estimate_directions(
-            problem, range(start, start + extra), self.seed_, progress=self._progress(extra)
-        )
+        new = self._estimate(problem, range(start, start + extra))
         self._records = {k: np.concatenate([self._records[k], new[k]]) for k in new}
         self._finish(problem)
         return self
+
+    def _estimate(self, problem, indices):
+        """Run directions ``indices``, split over ``n_jobs`` joblib workers when asked.
+
+        Direction i depends only on (seed, i), so the records are identical whatever the
+        number of workers or the backend (``joblib.parallel_config`` chosen by the user wins).
+        """
+        indices = np.asarray(list(indices), dtype=np.int64)
+        workers = min(effective_n_jobs(self.n_jobs), indices.size)
+        if workers <= 1:
+            return estimate_directions(problem, indices, self.seed_,
+                                       progress=self._progress(indices.size))
+        chunks = np.array_split(indices, workers)
+        parts = Parallel(n_jobs=self.n_jobs)(
+            delayed(estimate_directions)(problem, chunk, self.seed_) for chunk in chunks
+        )
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _check_values(self):
         if not np.isfinite(self.cutoff):
