@@ -17,7 +17,7 @@ def _format_table(frame) -> str:
 
 
 def demo(n_samples=100, preconditioners=("naive", "diag_hessian"), seed=0, threads=None,
-         out=sys.stdout):
+         out=None):
     """Train the digits MLP (clean and poisoned) and print the local-volume table.
 
     The paper's small experiment: MLP 64-64-10 (GELU, 4810 parameters) on sklearn's digits,
@@ -50,6 +50,7 @@ def demo(n_samples=100, preconditioners=("naive", "diag_hessian"), seed=0, threa
         train_digits_mlp,
     )
 
+    out = sys.stdout if out is None else out
     if threads is not None:
         torch.set_num_threads(threads)
     rows = []
@@ -115,10 +116,11 @@ def _load_array(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def estimate(args, out=sys.stdout):
+def estimate(args, out=None):
     """``volsk estimate MODEL X``: estimate on a saved model (``torch.save(model, path)``)."""
     import torch
 
+    out = sys.stdout if out is None else out
     from . import LocalVolumeEstimator
 
     model = torch.load(args.model, map_location="cpu", weights_only=False)
