@@ -9,6 +9,13 @@ weights in which it behaves the same; ``-log`` of it is the network's informatio
 """
 
 from .estimator import LocalVolumeEstimator
+from .sweep import Checkpoint, effective_dimension, sweep
 
-__all__ = ["LocalVolumeEstimator", "__version__"]
+__all__ = [
+    "LocalVolumeEstimator",
+    "Checkpoint",
+    "effective_dimension",
+    "sweep",
+    "__version__",
+]
 __version__ = "0.1.0.dev0"
