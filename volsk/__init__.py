@@ -9,10 +9,12 @@ weights in which it behaves the same; ``-log`` of it is the network's informatio
 """
 
 from .estimator import LocalVolumeEstimator
+from .scoring import make_volume_scorer
 from .sweep import Checkpoint, effective_dimension, sweep
 
 __all__ = [
     "LocalVolumeEstimator",
+    "make_volume_scorer",
     "Checkpoint",
     "effective_dimension",
     "sweep",

@@ -27,6 +27,7 @@ __all__ = ["Problem", "prepare_problem", "estimate_directions", "find_flat_coord
 MAX_RADIUS_FACTOR = 1e8  # rays still below the cutoff at 1e8·max(1, |θ|) never cross
 BLOCK_BYTES = 64 << 20  # directions drawn together: their float64 matrix stays under 64 MiB
 MAX_BLOCK = 1024
+FLAT_TOLERANCE = 1e-6  # a coordinate moved 10·max|θ| that changes the cost < 1e-6·cutoff is flat
 
 
 @dataclass
@@ -60,13 +61,16 @@ def _anchor_outputs(evaluator, batch=None):
         ) from exc
 
 
-def find_flat_coordinates(evaluator, cost, anchor_cost):
+def find_flat_coordinates(evaluator, cost, anchor_cost, tolerance=0.0):
     """Coordinates that cannot change the cost on X (DESIGN §4).
 
-    Candidates are zero columns of the output Jacobian over X (two random cotangents). A set of
-    candidates is confirmed when moving all of them together, far and at random (two draws),
-    leaves the cost exactly at its anchor value; a set that fails is split in halves (group
-    testing), so the usual case — all candidates flat — costs two evaluations.
+    Candidates are zero columns of the output Jacobian over X (two random cotangents; masked
+    tokens do not count). A set of candidates is confirmed when moving all of them together,
+    far and at random (two draws), leaves the cost within ``tolerance`` of its anchor value
+    (rounding: a coordinate that is flat in exact arithmetic, like a bias a softmax ignores,
+    may still move the cost by ~1e-10); a set that fails is split in halves (group testing),
+    so the usual case — all candidates flat — costs two evaluations. Groups flat on their own
+    are then merged greedily, keeping only those that stay flat together.
     """
     probe = evaluator.output_jacobian_probe()
     candidates = torch.nonzero(probe == 0).flatten().cpu()
@@ -80,22 +84,27 @@ def find_flat_coordinates(evaluator, cost, anchor_cost):
         thetas = theta.repeat(2, 1)
         noise = torch.randn(2, group.numel(), generator=gen, dtype=torch.float64)
         thetas[:, group.to(theta.device)] += step * noise.to(theta.device)
-        return bool((evaluator.costs(cost, thetas) == anchor_cost).all())
+        change = (evaluator.costs(cost, thetas) - anchor_cost).abs()
+        return bool((change <= tolerance).all())
 
-    flat, pending = [], [candidates]
+    groups, pending = [], [candidates]
     while pending:
         group = pending.pop()
         if all_flat(group):
-            flat.append(group)
+            groups.append(group)
         elif group.numel() > 1:
             half = group.numel() // 2
             pending += [group[:half], group[half:]]
-    if not flat:
+    if not groups:
         return np.zeros(0, dtype=np.int64)
-    found = torch.cat(flat)
-    # flat one by one need not mean flat together (two weights into one dead unit)
-    if not all_flat(found):
-        return np.zeros(0, dtype=np.int64)
+    found = torch.cat(groups)
+    if len(groups) > 1 and not all_flat(found):
+        # flat one by one need not mean flat together (two weights into one dead unit)
+        found = groups[0]
+        for group in groups[1:]:
+            trial = torch.cat([found, group])
+            if all_flat(trial):
+                found = trial
     return np.sort(found.numpy())
 
 
@@ -137,9 +146,7 @@ def _bind_cost(evaluator, cost, output, batch_y):
     transform = None
     for b, batch in enumerate(evaluator.batches):
         anchor = _anchor_outputs(evaluator, b)
-        mask = batch.kwargs.get("attention_mask")
-        if mask is None and isinstance(batch.X, dict):
-            mask = batch.X.get("attention_mask")
+        mask = batch.token_mask()
         y = batch_y[b]
         if y is not None:
             y = y.to(evaluator.device)
@@ -213,7 +220,8 @@ def prepare_problem(
         )
 
     n = evaluator.space.n
-    flat = find_flat_coordinates(evaluator, cost_fn, anchor_cost)
+    flat = find_flat_coordinates(evaluator, cost_fn, anchor_cost,
+                                 tolerance=FLAT_TOLERANCE * float(cutoff))
     full = torch.ones(n, dtype=torch.bool, device=evaluator.device)
     if flat.size and measure.is_probability:
         # S = S' × R^f and the flat coordinates' marginal mass is 1: integrate them out exactly

@@ -194,12 +194,13 @@ class FunctionalModel:
             X, kwargs = self.X, self.forward_kwargs
         else:
             X, kwargs = self.batches[batch].X, self.batches[batch].kwargs
-        if isinstance(X, dict):
-            out = functional_call(self.module, params, args=(), kwargs={**X, **kwargs})
-        elif isinstance(X, tuple):
-            out = functional_call(self.module, params, args=X, kwargs=kwargs)
-        else:
-            out = functional_call(self.module, params, args=(X,), kwargs=kwargs)
+        with _math_attention():
+            if isinstance(X, dict):
+                out = functional_call(self.module, params, args=(), kwargs={**X, **kwargs})
+            elif isinstance(X, tuple):
+                out = functional_call(self.module, params, args=X, kwargs=kwargs)
+            else:
+                out = functional_call(self.module, params, args=(X,), kwargs=kwargs)
         return extract_output(out)
 
     def anchor_outputs(self, batch: int | None = None) -> torch.Tensor:
@@ -286,8 +287,11 @@ class FunctionalModel:
         with torch.enable_grad():
             for b in range(len(self.batches)):
                 out = self.outputs(theta, b)
+                mask = self.batches[b].token_mask()
                 for _ in range(n_probes):
                     v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+                    if mask is not None and mask.shape == out.shape[:-1]:
+                        v = v * mask[..., None].to(v.dtype)  # masked tokens do not count
                     (g,) = torch.autograd.grad(out, theta, v, retain_graph=True)
                     total += g.detach().abs().to(torch.float64)
         return total
@@ -321,6 +325,13 @@ class DataBatch:
     X: object
     kwargs: dict
     n: int
+
+    def token_mask(self):
+        """The (N, T) attention mask that also masks the cost, if any."""
+        mask = self.kwargs.get("attention_mask")
+        if mask is None and isinstance(self.X, dict):
+            mask = self.X.get("attention_mask")
+        return mask
 
 
 class BatchedCost:
@@ -384,6 +395,18 @@ def concatenate_batches(batches):
     except (RuntimeError, KeyError):
         return None, {}
     return X, kwargs
+
+
+def _math_attention():
+    """Scaled-dot-product attention through the math kernel: the fused CPU/flash kernels have
+    no forward-mode AD and no vmap rule (Hugging Face models use them by default)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _vmap_rows(fn, rows):

@@ -22,7 +22,22 @@ __all__ = ["find_radii", "RadiusResult", "STATUS"]
 
 # per-direction outcome codes (``samples_["status"]``)
 STATUS = {0: "crossed", 1: "unbounded", 2: "jump", 3: "max_iter"}
-MAX_GROWTH = 100.0  # largest step factor in r before a crossing is bracketed
+MAX_GROWTH = 10.0  # largest step factor in r before a crossing is bracketed
+MAX_GROWTH_DOWNHILL = 4.0  # ... while the cost is still at or below its anchor value
+FLOOR = 1e-3  # below FLOOR·target the log residual continues linearly (see _residual)
+
+
+def _residual(e, target):
+    """A log-like residual of the excess cost e that stays finite for e <= 0.
+
+    log(e/target) for e >= FLOOR·target, continued linearly (C¹) below: monotone in e, so
+    regula falsi works on costs that first decrease (cross-entropy along a descent direction)
+    with the same log–log steps as near-quadratic ones.
+    """
+    tau = FLOOR * target
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(np.maximum(e, tau) / target)
+    return np.where(e >= tau, logs, np.log(FLOOR) + (e - tau) / tau)
 
 
 class RadiusResult:
@@ -132,8 +147,7 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
 
         upd_hi = crossed & ~done
         upd_lo = ~crossed & ~done
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f_new = np.log(np.where(e > 0, e, np.nan)) - log_target
+        f_new = np.where(np.isfinite(e), _residual(np.nan_to_num(e), target), np.nan)
         i_hi, i_lo = pos[upd_hi], pos[upd_lo]
         # Illinois: an endpoint that stays while the other moves twice has its residual halved
         f_lo[i_hi[last_side[i_hi] == 1]] *= 0.5
@@ -178,8 +192,9 @@ def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log
         ok = (prev_lo > 0) & (prev_e_lo > 0) & (e_lo > 0) & np.isfinite(slope)
         slope = np.where(ok, np.clip(slope, 0.5, 8.0), 2.0)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            factor = np.where(e_lo > 0, (target / e_lo) ** (1.0 / slope), MAX_GROWTH)
-        factor = np.clip(np.nan_to_num(factor, nan=MAX_GROWTH), 1.0 + 1e-9, MAX_GROWTH)
+            factor = np.where(e_lo > 0, (target / e_lo) ** (1.0 / slope), MAX_GROWTH_DOWNHILL)
+        cap = np.where(e_lo > 0, MAX_GROWTH, MAX_GROWTH_DOWNHILL)
+        factor = np.clip(np.nan_to_num(factor, nan=MAX_GROWTH), 1.0 + 1e-9, cap)
         r[up] = np.minimum(lo[up] * factor[up], limit[up])
 
     # -- bracketed: Illinois regula falsi on (log r, log excess) when both ends are usable

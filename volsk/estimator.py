@@ -122,11 +122,23 @@ class LocalVolumeEstimator(BaseEstimator):
     >>> est.log_volume_lower_bound(0.95) < est.log_volume_
     True
 
+    Notes
+    -----
+    Only trainable parameters (``requires_grad=True``) are perturbed and counted in
+    ``n_parameters_``; frozen parameters and buffers (e.g. BatchNorm running statistics) keep
+    their values, and the model is evaluated as in eval mode (dropout off, running statistics
+    used) on a private copy — the model passed in is never modified. ``sigma="init"`` and
+    ``bounds="init"`` also centre the prior on the initialisation's mean (1 for
+    LayerNorm/BatchNorm weights) unless the measure's ``mean`` is given.
+
     References
     ----------
     Scherlis & Belrose, "Estimating the Probability of Sampling a Trained Neural Network at
     Random".
     """
+
+    _doc_link_module = "volsk"
+    _doc_link_template = "https://volsk.readthedocs.io/en/latest/api/{estimator_name}.html"
 
     _parameter_constraints: dict = {
         "cutoff": [Interval(Real, 0, None, closed="neither")],
@@ -227,14 +239,17 @@ class LocalVolumeEstimator(BaseEstimator):
         -------
         self
         """
+        return self._fit(model, X, y, self.n_samples, optimizer, attention_mask)
+
+    def _fit(self, model, X, y, n_samples, optimizer, attention_mask):
         self._validate_params()
         self._check_values()
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]:
             delattr(self, attr)
         self._problem = None
         self.seed_ = self._base_seed()
-        problem = self._prepare(model, X, y, optimizer, attention_mask)
-        self._records = self._estimate(problem, range(self.n_samples))
+        problem = self._prepare(model, X, y, optimizer, attention_mask, n_samples)
+        self._records = self._estimate(problem, range(n_samples))
         self._fingerprint = self._fingerprint_of(problem)
         self._finish(problem)
         return self
@@ -251,15 +266,13 @@ class LocalVolumeEstimator(BaseEstimator):
         -------
         self
         """
+        extra = self.n_samples if n_samples is None else n_samples
+        if not isinstance(extra, Integral) or extra < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         if not hasattr(self, "log_volume_"):
-            if n_samples is not None:
-                self.set_params(n_samples=n_samples)
-            return self.fit(model, X, y, optimizer=optimizer, attention_mask=attention_mask)
+            return self._fit(model, X, y, int(extra), optimizer, attention_mask)
         self._validate_params()
-        extra = self.n_samples if n_samples is None else int(n_samples)
-        if extra < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples!r}")
-        problem = self._prepare(model, X, y, optimizer, attention_mask)
+        problem = self._prepare(model, X, y, optimizer, attention_mask, int(extra))
         if self._fingerprint_of(problem) != self._fingerprint:
             raise ValueError(
                 "partial_fit got a different model or different X than fit: an estimate can "
@@ -309,7 +322,7 @@ class LocalVolumeEstimator(BaseEstimator):
 
         return tqdm(total=total, desc="directions", leave=False)
 
-    def _prepare(self, model, X, y, optimizer, attention_mask):
+    def _prepare(self, model, X, y, optimizer, attention_mask, n_directions):
         batches = batch_y = None
         if isinstance(X, torch.utils.data.DataLoader):
             if y is not None or attention_mask is not None:
@@ -344,7 +357,7 @@ class LocalVolumeEstimator(BaseEstimator):
             exponent=self.preconditioner_exponent,
             device=self._device(),
             batch_size=self.batch_size,
-            n_directions=self.n_samples,
+            n_directions=n_directions,
             y=y,
             attention_mask=attention_mask,
             optimizer=optimizer,
@@ -378,14 +391,7 @@ class LocalVolumeEstimator(BaseEstimator):
         """Set the fitted attributes from the per-direction records."""
         rec = self._records
         space = problem.evaluator.space
-        self._problem = problem
-        self.n_parameters_ = space.n
-        self.flat_parameters_ = space.coordinate_names(problem.flat)
-        self.sample_log_volumes_ = rec["log_volume"].astype(np.float64)
-        self.radii_ = rec["radius"].astype(np.float64)
-        self.n_evaluations_ = int(rec["evaluations"].sum())
-        self.effective_sample_size_ = effective_sample_size(self.sample_log_volumes_)
-        log_volume = aggregate_log_volume(self.sample_log_volumes_)
+        log_volume = aggregate_log_volume(rec["log_volume"])
         if np.isneginf(log_volume) and not problem.is_probability:
             raise ValueError("every direction has zero radius; the neighbourhood is empty")
         if np.isneginf(log_volume):
@@ -394,6 +400,13 @@ class LocalVolumeEstimator(BaseEstimator):
                 "box, or every ray crosses the cutoff before entering it). Widen the prior "
                 "(bounds/sigma) or center it on the anchor (mean)."
             )
+        self._problem = problem
+        self.n_parameters_ = space.n
+        self.flat_parameters_ = space.coordinate_names(problem.flat)
+        self.sample_log_volumes_ = rec["log_volume"].astype(np.float64)
+        self.radii_ = rec["radius"].astype(np.float64)
+        self.n_evaluations_ = int(rec["evaluations"].sum())
+        self.effective_sample_size_ = effective_sample_size(self.sample_log_volumes_)
         if not problem.is_probability:
             unbounded = int(np.isposinf(self.radii_).sum())
             if unbounded:
