@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._evaluate import BatchedCost, FunctionalModel, choose_batch_size
+from ._evaluate import FORWARD_AD_LOCK, BatchedCost, FunctionalModel, choose_batch_size
 from ._math import log_sphere_area
 from ._radius import find_radii
 from ._sampling import draw_directions
@@ -250,7 +250,8 @@ def prepare_problem(
         y=y,
         random_state=random_state,
     )
-    bound_preconditioner = preconditioner.bind(pctx)
+    with FORWARD_AD_LOCK:  # curvature may use JVPs (not thread-safe in torch)
+        bound_preconditioner = preconditioner.bind(pctx)
     if batch_size is None:
         batch_size = choose_batch_size(evaluator, n_directions)
     max_radius = MAX_RADIUS_FACTOR * max(1.0, float(torch.linalg.vector_norm(evaluator.theta)))

@@ -9,6 +9,7 @@ one call with :func:`torch.func.vmap` over stacked flat parameter vectors.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,12 @@ import torch
 from torch.func import functional_call, jvp, vmap
 
 __all__ = ["ParameterSpace", "FunctionalModel", "extract_output"]
+
+
+# torch's forward-mode AD keeps its dual level in process-wide state: two threads running
+# JVPs at once corrupt each other's tangents (wrong numbers or "invalid forward AD level"
+# errors, seen with joblib's threading backend). Every JVP in volsk runs under this lock.
+FORWARD_AD_LOCK = threading.RLock()
 
 
 def extract_output(out):
@@ -252,7 +259,7 @@ class FunctionalModel:
             (g0, g1), (_, g2) = jvp(g_and_slope, (zero,), (torch.ones_like(zero),))
             return g0, g1, g2
 
-        with torch.no_grad():
+        with torch.no_grad(), FORWARD_AD_LOCK:
             g0, g1, g2 = _vmap_rows(along, directions)
         return g0.to(torch.float64), g1.to(torch.float64), g2.to(torch.float64)
 
@@ -269,7 +276,7 @@ class FunctionalModel:
         batches = [None] if len(reduces) == 1 and not isinstance(reduce, (list, tuple)) else (
             range(len(reduces)))
         total = torch.zeros(directions.shape[0], dtype=torch.float64, device=directions.device)
-        with torch.no_grad():
+        with torch.no_grad(), FORWARD_AD_LOCK:
             for b, red in zip(batches, reduces):
 
                 def along(u, b=b, red=red):
