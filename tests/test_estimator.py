@@ -286,3 +286,26 @@ def test_n_jobs_gives_identical_samples_under_any_backend(backend):
         est = LocalVolumeEstimator(sigma=0.5, n_samples=9, random_state=3, n_jobs=2).fit(net, X)
     np.testing.assert_array_equal(est.sample_log_volumes_, ref.sample_log_volumes_)
     np.testing.assert_array_equal(est.samples_["direction"], np.arange(9))
+
+
+def test_concurrent_fits_in_threads_equal_sequential_fits():
+    # torch's forward-mode AD state is process-wide: unguarded JVPs in two threads corrupt
+    # each other's tangents (the Taylor guess), which changes the search path
+    import threading
+
+    net, X = small_mlp()
+    ref = LocalVolumeEstimator(sigma=0.5, n_samples=20, random_state=0).fit(net, X)
+    results = [None] * 4
+
+    def run(i):
+        est = LocalVolumeEstimator(sigma=0.5, n_samples=20, random_state=0)
+        results[i] = est.fit(net, X).sample_log_volumes_
+
+    for _ in range(3):
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            np.testing.assert_array_equal(r, ref.sample_log_volumes_)
