@@ -8,9 +8,11 @@ the anchor's.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-__all__ = ["OUTPUT_KINDS", "COSTS", "make_cost", "to_log_probs"]
+__all__ = ["OUTPUT_KINDS", "COSTS", "make_cost", "to_log_probs", "check_token_mask"]
 
 OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
 COSTS = ("kl", "cross_entropy", "mse")
@@ -28,6 +30,16 @@ def to_log_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
     raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
 
 
+IGNORE_INDEX = -100  # labels equal to this are ignored, as in torch.nn.CrossEntropyLoss
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs are compared in float32: a 1e-3-nat cutoff is below their ulp."""
+    if t.is_floating_point() and torch.finfo(t.dtype).bits < 32:
+        return t.float()
+    return t
+
+
 def _masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
     """Mean over all leading axes of ``values`` where ``mask`` is 1 (mask shape = values shape)."""
     if mask is None:
@@ -36,13 +48,32 @@ def _masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
     return (values * mask).sum() / mask.sum()
 
 
+def check_token_mask(mask, anchor_outputs, name="attention_mask"):
+    """The token mask the cost averages with, or None.
+
+    For sequence outputs (N, T, V) the mask must be (N, T) and keep some token. For outputs
+    with one row per example (N, V) — a sequence classifier — the mask only served the forward
+    pass: the cost averages over examples and None is returned.
+    """
+    if mask is None or anchor_outputs.ndim <= 2:
+        return None
+    if tuple(mask.shape) != tuple(anchor_outputs.shape[:-1]):
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not fit the model's outputs of shape "
+            f"{tuple(anchor_outputs.shape)}: it must be (N, T) for sequence outputs (N, T, V)"
+        )
+    if not bool((mask != 0).any()):
+        raise ValueError(f"{name} is 0 everywhere: no token is left to compare outputs on")
+    return mask
+
+
 def kl_cost(anchor_outputs, output, mask=None):
     """KL(p_anchor ‖ p_θ') averaged over examples (and unmasked tokens): the paper's cost."""
-    log_p0 = to_log_probs(anchor_outputs, output).detach()
+    log_p0 = to_log_probs(_upcast(anchor_outputs), output).detach()
     p0 = log_p0.exp()
 
     def cost(outputs):
-        log_p = to_log_probs(outputs, output)
+        log_p = to_log_probs(_upcast(outputs), output)
         # p0 = 0 entries contribute 0 even where log_p = -inf (0·inf would be NaN)
         terms = torch.where(p0 > 0, p0 * (log_p0 - log_p), torch.zeros_like(log_p))
         return _masked_mean(terms.sum(-1), mask)
@@ -51,17 +82,38 @@ def kl_cost(anchor_outputs, output, mask=None):
 
 
 def cross_entropy_cost(anchor_outputs, output, y, mask=None):
-    """Mean cross-entropy minus the anchor's: may be negative where the loss decreases."""
+    """Mean cross-entropy minus the anchor's: negative where the loss decreases.
+
+    Labels equal to -100 are ignored (as in :class:`torch.nn.CrossEntropyLoss`), and so are
+    tokens whose mask is 0.
+    """
     if y is None:
         raise ValueError(
             'cost="cross_entropy" needs labels: call fit(model, X, y) with y the class indices.'
         )
+    if y.is_floating_point():
+        if not bool((y == y.round()).all()):
+            raise ValueError("y must hold integer class indices for cost='cross_entropy'")
     y = y.long()
+    if tuple(y.shape) != tuple(anchor_outputs.shape[:-1]):
+        raise ValueError(
+            f"y of shape {tuple(y.shape)} does not fit the model's outputs of shape "
+            f"{tuple(anchor_outputs.shape)}: cost='cross_entropy' needs one class index per "
+            "example (per token for sequence outputs)"
+        )
+    keep = y != IGNORE_INDEX
+    n_classes = anchor_outputs.shape[-1]
+    if bool(((y[keep] < 0) | (y[keep] >= n_classes)).any()):
+        raise ValueError(f"y must hold class indices in [0, {n_classes}) (or -100 to ignore)")
+    weights = keep if mask is None else keep & (mask != 0)
+    if not bool(weights.any()):
+        raise ValueError("every label is ignored (y = -100 or masked): nothing to compare")
+    index = torch.where(keep, y, torch.zeros_like(y)).unsqueeze(-1)
 
     def loss(outputs):
-        log_p = to_log_probs(outputs, output)
-        nll = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        return _masked_mean(nll, mask)
+        log_p = to_log_probs(_upcast(outputs), output)
+        nll = -log_p.gather(-1, index).squeeze(-1)
+        return _masked_mean(nll, weights)
 
     base = loss(anchor_outputs).detach()
 
@@ -71,12 +123,65 @@ def cross_entropy_cost(anchor_outputs, output, y, mask=None):
     return cost
 
 
-def mse_cost(anchor_outputs):
-    """``torch.nn.functional.mse_loss(outputs, anchor_outputs)``: mean over examples and units."""
-    anchor = anchor_outputs.detach()
+def mse_cost(anchor_outputs, mask=None):
+    """``torch.nn.functional.mse_loss(outputs, anchor_outputs)``: mean over examples and units.
+
+    With a token mask (N, T), the mean runs over unmasked tokens (and all units).
+    """
+    anchor = _upcast(anchor_outputs).detach()
 
     def cost(outputs):
-        return torch.nn.functional.mse_loss(outputs, anchor)
+        outputs = _upcast(outputs)
+        if mask is None:
+            return torch.nn.functional.mse_loss(outputs, anchor)
+        return _masked_mean((outputs - anchor).pow(2).mean(-1), mask)
+
+    return cost
+
+
+def _callable_arity(fn):
+    """(positional parameters accepted, required; accepts a ``mask`` keyword)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: assume (outputs, anchor[, y])
+        return 3, 2, False
+    accepted = required = 0
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_POSITIONAL:
+            accepted = 3
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            accepted += 1
+            required += p.default is p.empty
+    takes_mask = "mask" in sig.parameters or any(
+        p.kind == p.VAR_KEYWORD for p in sig.parameters.values()
+    )
+    return accepted, required, takes_mask
+
+
+def user_cost(fn, anchor_outputs, y=None, mask=None):
+    """Bind a user callable ``fn(outputs, anchor_outputs[, y][, mask=...])``."""
+    accepted, required, takes_mask = _callable_arity(fn)
+    if accepted < 2:
+        raise TypeError("a cost callable must take (outputs, anchor_outputs[, y])")
+    if required >= 3 and y is None:
+        raise ValueError("the cost callable takes labels y, but fit got y=None: pass y")
+    anchor = anchor_outputs.detach()
+    args = (anchor, y) if (y is not None and accepted >= 3) else (anchor,)
+    kwargs = {"mask": mask} if (mask is not None and takes_mask) else {}
+
+    def cost(outputs):
+        value = fn(outputs, *args, **kwargs)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"the cost callable returned {type(value).__name__}; it must return a scalar "
+                "torch.Tensor computed with torch operations (it runs under torch.func.vmap)"
+            )
+        if value.ndim != 0:
+            raise ValueError(
+                f"the cost callable returned a tensor of shape {tuple(value.shape)}; it must "
+                "return a scalar (reduce over examples, e.g. with .mean())"
+            )
+        return value
 
     return cost
 
@@ -87,14 +192,21 @@ def make_cost(cost, anchor_outputs, *, output="logits", y=None, mask=None):
     Parameters
     ----------
     cost : {"kl", "cross_entropy", "mse"} or callable
-        A callable is called as ``cost(outputs, anchor_outputs)`` (or with ``y`` as a third
-        argument when ``y`` is given) and must return a scalar tensor built with torch
-        operations (it is evaluated under :func:`torch.func.vmap`).
+        "kl": KL(anchor ‖ perturbed) averaged over examples (and unmasked tokens); "mse": the
+        mean squared difference from the anchor's outputs (over unmasked tokens with a mask);
+        "cross_entropy": the mean cross-entropy against ``y`` minus the anchor's (negative
+        where the loss decreases; labels -100 are ignored). A callable is called as
+        ``cost(outputs, anchor_outputs)``, with ``y`` as a third argument when it accepts one
+        and ``y`` is given, and with ``mask=`` when it has a ``mask`` parameter and a token
+        mask is given; it must return a scalar tensor built with torch operations (it is
+        evaluated under :func:`torch.func.vmap`).
     anchor_outputs : torch.Tensor
+        (N, V), or (N, T, V) for sequence models.
     output : {"logits", "probabilities", "log_probabilities"}
     y : torch.Tensor, optional
+        Class indices, (N,) or (N, T).
     mask : torch.Tensor, optional
-        (N, T) token mask for sequence outputs (N, T, V).
+        (N, T) token mask for sequence outputs (N, T, V): tokens where it is 0 are ignored.
 
     Returns
     -------
@@ -109,16 +221,17 @@ def make_cost(cost, anchor_outputs, *, output="logits", y=None, mask=None):
     >>> kl = make_cost("kl", logits)
     >>> float(kl(logits))
     0.0
+    >>> ce = make_cost("cross_entropy", logits, y=torch.tensor([0, 0]))
+    >>> round(float(ce(torch.zeros(2, 2))), 4)  # uniform predictions lower this loss
+    -0.0269
     """
+    mask = check_token_mask(mask, anchor_outputs)
     if callable(cost):
-        anchor = anchor_outputs.detach()
-        if y is not None:
-            return lambda outputs: cost(outputs, anchor, y)
-        return lambda outputs: cost(outputs, anchor)
+        return user_cost(cost, anchor_outputs, y=y, mask=mask)
     if cost == "kl":
         return kl_cost(anchor_outputs, output, mask)
     if cost == "cross_entropy":
         return cross_entropy_cost(anchor_outputs, output, y, mask)
     if cost == "mse":
-        return mse_cost(anchor_outputs)
+        return mse_cost(anchor_outputs, mask)
     raise ValueError(f"cost must be one of {COSTS} or a callable, got {cost!r}")

@@ -53,10 +53,16 @@ def _per_parameter(value, name, ctx, *, positive=True):
         missing = [k for k in ctx.space.names if k not in value]
         if missing:
             raise ValueError(f"{name} dict has no value for parameters {missing}")
-        pieces = [
-            torch.as_tensor(value[k], dtype=torch.float64).expand(shape).reshape(-1)
-            for k, shape in zip(ctx.space.names, ctx.space.shapes)
-        ]
+        pieces = []
+        for k, shape in zip(ctx.space.names, ctx.space.shapes, strict=True):
+            v = torch.as_tensor(np.asarray(value[k], dtype=np.float64))
+            try:
+                pieces.append(v.expand(shape).reshape(-1))
+            except RuntimeError:
+                raise ValueError(
+                    f"{name}[{k!r}] must be a scalar or have the parameter's shape "
+                    f"{tuple(shape)}, got shape {tuple(v.shape)}"
+                ) from None
         out = torch.cat(pieces)
     else:
         out = torch.as_tensor(np.asarray(value, dtype=np.float64))
@@ -113,34 +119,61 @@ class _BoundLebesgue:
             return self.n * np.log(R) - math.log(self.n)
 
 
+def _resolve_mean(measure, ctx, init_kind, spread_is_init):
+    """A measure's ``mean``: "auto" is the init mean when the spread is "init", else 0."""
+    mean = measure.mean
+    if isinstance(mean, str):
+        if mean == "auto":
+            mean = "init" if spread_is_init else 0.0
+        if mean == "init":
+            from .priors import prior_for_context
+
+            flat = prior_for_context(ctx, init_kind).flat(ctx.space.names, "mean")
+            return flat.to(ctx.theta.device)
+        if isinstance(mean, str):
+            raise ValueError(f'mean must be a float, an array, a dict, "auto" or "init"; got '
+                             f"{mean!r}")
+    return _per_parameter(mean, "mean", ctx, positive=False)
+
+
+def _short(v):
+    return repr(v) if np.ndim(v) == 0 or isinstance(v, (str, dict)) else f"<array {np.shape(v)}>"
+
+
 class Gaussian:
     """Gaussian prior N(mean, diag(sigma²)).
 
     Parameters
     ----------
-    sigma : float, array-like of length n, dict {parameter name: float} or "auto"
-        Standard deviation(s). "auto" is the root-mean-square of the anchor's parameters.
-    mean : float, array-like of length n or dict, default 0
+    sigma : float, array-like of length n, dict {parameter name: float}, "auto" or "init"
+        Standard deviation(s). "auto" is the root-mean-square of the anchor's parameters;
+        "init" is, per tensor, the standard deviation of the model's own initialisation
+        (:func:`volsk.priors.init_prior`).
+    mean : float, array-like of length n, dict, "init" or "auto", default="auto"
+        "init": the mean of the initialisation (1 for a LayerNorm weight, 0 for PyTorch's and
+        Hugging Face's random inits). "auto": "init" when ``sigma="init"``, else 0.
 
     Examples
     --------
     >>> from volsk.measures import Gaussian
     >>> Gaussian(sigma=0.5)
-    Gaussian(sigma=0.5, mean=0.0)
+    Gaussian(sigma=0.5, mean='auto')
+    >>> Gaussian(sigma="init", mean=0.0)
+    Gaussian(sigma='init', mean=0.0)
     """
 
     is_probability = True
     name = "gaussian"
 
-    def __init__(self, sigma="auto", mean=0.0):
+    def __init__(self, sigma="auto", mean="auto"):
         self.sigma = sigma
         self.mean = mean
 
     def __repr__(self):
-        def short(v):
-            return v if np.ndim(v) == 0 or isinstance(v, str) else f"<array {np.shape(v)}>"
+        return f"Gaussian(sigma={_short(self.sigma)}, mean={_short(self.mean)})"
 
-        return f"Gaussian(sigma={short(self.sigma)}, mean={short(self.mean)})"
+    def _sigma_is_init(self):
+        return isinstance(self.sigma, str) and self.sigma == "init"
 
     def resolve_sigma(self, ctx):
         sigma = self.sigma
@@ -157,9 +190,12 @@ class Gaussian:
             raise ValueError(f'sigma must be a float, an array, "auto" or "init"; got {sigma!r}')
         return _per_parameter(sigma, "sigma", ctx)
 
+    def resolve_mean(self, ctx):
+        return _resolve_mean(self, ctx, "gaussian", self._sigma_is_init())
+
     def bind(self, ctx: MeasureContext):
         sigma = self.resolve_sigma(ctx)
-        mean = _per_parameter(self.mean, "mean", ctx, positive=False)
+        mean = self.resolve_mean(ctx)
         m = ctx.mask
         return _BoundGaussian(ctx.theta[m], sigma[m], mean[m])
 
@@ -194,35 +230,39 @@ class Uniform:
     """Uniform prior on the box ∏[mean_i − b_i, mean_i + b_i].
 
     PyTorch's default ``nn.Linear``/``nn.Conv`` initialisation is such a box with
-    b = 1/sqrt(fan_in); ``bounds="init"`` derives it from the model.
+    b = 1/sqrt(fan_in); ``bounds="init"`` derives it from the model. The anchor may lie outside
+    the box: rays that miss it contribute zero (log −∞); if every ray does, ``fit`` raises.
 
     Parameters
     ----------
     bounds : float, array-like of length n, dict {parameter name: float} or "init"
-        Half-widths b_i > 0.
-    mean : float, array-like or dict, default 0
+        Half-widths b_i > 0. "init": per tensor, √3 × the standard deviation of the model's own
+        initialisation (:func:`volsk.priors.init_prior`), which is b for a U(−b, b) init.
+    mean : float, array-like, dict, "init" or "auto", default="auto"
+        The box's centre. "auto": the initialisation's mean when ``bounds="init"`` (so a
+        LayerNorm weight's box is centred on 1), else 0.
 
     Examples
     --------
     >>> from volsk.measures import Uniform
     >>> Uniform(bounds=0.1)
-    Uniform(bounds=0.1, mean=0.0)
+    Uniform(bounds=0.1, mean='auto')
     """
 
     is_probability = True
     name = "uniform"
 
-    def __init__(self, bounds="init", mean=0.0):
+    def __init__(self, bounds="init", mean="auto"):
         self.bounds = bounds
         self.mean = mean
 
     def __repr__(self):
-        def short(v):
-            return v if np.ndim(v) == 0 or isinstance(v, str) else f"<array {np.shape(v)}>"
+        return f"Uniform(bounds={_short(self.bounds)}, mean={_short(self.mean)})"
 
-        return f"Uniform(bounds={short(self.bounds)}, mean={short(self.mean)})"
+    def _bounds_is_init(self):
+        return isinstance(self.bounds, str) and self.bounds == "init"
 
-    def bind(self, ctx: MeasureContext):
+    def resolve_bounds(self, ctx):
         bounds = self.bounds
         if isinstance(bounds, str):
             if bounds != "init":
@@ -230,8 +270,14 @@ class Uniform:
             from .priors import init_spread
 
             bounds = init_spread(ctx, "uniform")
-        half = _per_parameter(bounds, "bounds", ctx)
-        mean = _per_parameter(self.mean, "mean", ctx, positive=False)
+        return _per_parameter(bounds, "bounds", ctx)
+
+    def resolve_mean(self, ctx):
+        return _resolve_mean(self, ctx, "uniform", self._bounds_is_init())
+
+    def bind(self, ctx: MeasureContext):
+        half = self.resolve_bounds(ctx)
+        mean = self.resolve_mean(ctx)
         m = ctx.mask
         return _BoundUniform(ctx.theta[m], mean[m] - half[m], mean[m] + half[m])
 
@@ -261,8 +307,9 @@ class _BoundUniform:
         return {"r_in": r_in.cpu().numpy(), "r_out": r_out.cpu().numpy()}
 
     def search_limit(self, coef, batch):
-        # beyond r_out the density is 0: a crossing there changes nothing
-        return np.maximum(coef["r_out"], 0.0)
+        # beyond r_out the density is 0: a crossing there changes nothing; a ray that misses
+        # the box (r_out <= r_in) needs no search at all
+        return np.where(coef["r_out"] > coef["r_in"], coef["r_out"], 0.0)
 
     def log_radial_integral(self, coef, R):
         return self.log_normalizer + log_uniform_radial_integral(
