@@ -309,3 +309,23 @@ def test_concurrent_fits_in_threads_equal_sequential_fits():
             t.join()
         for r in results:
             np.testing.assert_array_equal(r, ref.sample_log_volumes_)
+
+
+def test_auto_eps_is_recorded_reused_by_partial_fit_and_score():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=8, preconditioner="diag_hessian",
+                               preconditioner_eps="auto", random_state=0).fit(net, X)
+    assert est.preconditioner_eps_ in (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    assert est.eps_pilot_["selected"].sum() == 1
+    chosen = est.eps_pilot_.loc[est.eps_pilot_["selected"], "eps"].item()
+    assert chosen == est.preconditioner_eps_
+    fixed = LocalVolumeEstimator(sigma=0.5, n_samples=12, preconditioner="diag_hessian",
+                                 preconditioner_eps=est.preconditioner_eps_,
+                                 random_state=0).fit(net, X)
+    np.testing.assert_array_equal(fixed.sample_log_volumes_[:8], est.sample_log_volumes_)
+    est.partial_fit(net, X, n_samples=4)
+    np.testing.assert_array_equal(fixed.sample_log_volumes_, est.sample_log_volumes_)
+    assert est.score(X) == pytest.approx(est.log_volume_, abs=1e-9)
+    naive = LocalVolumeEstimator(sigma=0.5, n_samples=4, preconditioner_eps="auto",
+                                 random_state=0).fit(net, X)
+    assert naive.preconditioner_eps_ is None and naive.eps_pilot_ is not None

@@ -19,7 +19,7 @@ from ._engine import estimate_directions, prepare_problem
 from ._radius import STATUS
 from .costs import COSTS
 from .measures import MEASURES, resolve_measure
-from .preconditioners import PRECONDITIONERS, resolve_preconditioner
+from .preconditioners import EPS_GRID, PRECONDITIONERS, resolve_preconditioner, select_eps
 from .results import (
     aggregate_log_volume,
     effective_sample_size,
@@ -63,6 +63,9 @@ class LocalVolumeEstimator(BaseEstimator):
     bounds : float, array-like, dict or "init", default="init"
         Half-widths of the uniform prior's box.
     preconditioner_eps : float or "auto", default=1e-3
+        "auto": a pilot of up to 32 directions (seeds separate from the estimate's, shared
+        across the grid) at each eps in 1, 1e-1, …, 1e-6; the largest pilot estimate wins (a
+        larger estimate is, with high probability, a more accurate one).
     preconditioner_exponent : float, default=0.5
     rtol : float, default=1e-3
         Boundary accuracy: |C(θ + R u) − cutoff| ≤ rtol·cutoff.
@@ -107,6 +110,12 @@ class LocalVolumeEstimator(BaseEstimator):
         measures; they make the Lebesgue volume infinite).
     seed_ : int
         The base seed the directions were drawn with.
+    preconditioner_eps_ : float or None
+        The eps used (the pilot's choice when ``preconditioner_eps="auto"``; None for the
+        naive estimator, whose map does not depend on eps).
+    eps_pilot_ : pandas.DataFrame or None
+        With ``preconditioner_eps="auto"``: one row per eps of the grid (pilot log-volume, max
+        and median sample, ESS, evaluations per direction, selected).
 
     Examples
     --------
@@ -248,7 +257,15 @@ class LocalVolumeEstimator(BaseEstimator):
             delattr(self, attr)
         self._problem = None
         self.seed_ = self._base_seed()
-        problem = self._prepare(model, X, y, optimizer, attention_mask, n_samples)
+        auto = isinstance(self.preconditioner_eps, str)  # "auto": pilot over EPS_GRID
+        eps = EPS_GRID[0] if auto else float(self.preconditioner_eps)
+        problem = self._prepare(model, X, y, optimizer, attention_mask, n_samples, eps)
+        self.eps_pilot_ = None
+        if auto:
+            eps, self.eps_pilot_, problem = select_eps(
+                problem, n_directions=min(32, n_samples), random_state=self.seed_
+            )
+        self.preconditioner_eps_ = eps  # None: P does not depend on eps (naive)
         self._records = self._estimate(problem, range(n_samples))
         self._fingerprint = self._fingerprint_of(problem)
         self._finish(problem)
@@ -272,7 +289,8 @@ class LocalVolumeEstimator(BaseEstimator):
         if not hasattr(self, "log_volume_"):
             return self._fit(model, X, y, int(extra), optimizer, attention_mask)
         self._validate_params()
-        problem = self._prepare(model, X, y, optimizer, attention_mask, int(extra))
+        eps = EPS_GRID[0] if self.preconditioner_eps_ is None else self.preconditioner_eps_
+        problem = self._prepare(model, X, y, optimizer, attention_mask, int(extra), eps)
         if self._fingerprint_of(problem) != self._fingerprint:
             raise ValueError(
                 "partial_fit got a different model or different X than fit: an estimate can "
@@ -322,7 +340,7 @@ class LocalVolumeEstimator(BaseEstimator):
 
         return tqdm(total=total, desc="directions", leave=False)
 
-    def _prepare(self, model, X, y, optimizer, attention_mask, n_directions):
+    def _prepare(self, model, X, y, optimizer, attention_mask, n_directions, eps):
         batches = batch_y = None
         if isinstance(X, torch.utils.data.DataLoader):
             if y is not None or attention_mask is not None:
@@ -353,7 +371,7 @@ class LocalVolumeEstimator(BaseEstimator):
             rtol=self.rtol,
             measure=resolve_measure(self.measure, sigma=self.sigma, bounds=self.bounds),
             preconditioner=resolve_preconditioner(self.preconditioner),
-            eps=self.preconditioner_eps,
+            eps=eps,
             exponent=self.preconditioner_exponent,
             device=self._device(),
             batch_size=self.batch_size,
@@ -514,7 +532,9 @@ def clone_with_data(est, problem, X, y):
     from sklearn.base import clone
 
     other = clone(est)
-    other.set_params(random_state=est.seed_, n_samples=est.sample_log_volumes_.size)
+    eps = est.preconditioner_eps if est.preconditioner_eps_ is None else est.preconditioner_eps_
+    other.set_params(random_state=est.seed_, n_samples=est.sample_log_volumes_.size,
+                     preconditioner_eps=eps)
     return other.fit(problem.evaluator.module, X, y)
 
 
