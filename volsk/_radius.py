@@ -24,6 +24,7 @@ __all__ = ["find_radii", "RadiusResult", "STATUS"]
 STATUS = {0: "crossed", 1: "unbounded", 2: "jump", 3: "max_iter"}
 MAX_GROWTH = 10.0  # largest step factor in r before a crossing is bracketed
 MAX_GROWTH_DOWNHILL = 4.0  # ... while the cost is still at or below its anchor value
+MODEL_STEPS = 3  # Taylor-anchored model steps per direction before pure regula falsi
 FLOOR = 1e-3  # below FLOOR·target the log residual continues linearly (see _residual)
 
 
@@ -115,6 +116,12 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
     prev_lo = np.zeros(B)
     prev_e_lo = np.zeros(B)
 
+    # model points: G = log(excess / q(r)) with q the Taylor polynomial (see _model_radius)
+    has_model = (g2 > 0) & (g1 >= 0)
+    m_r1, m_G1 = np.full(B, np.nan), np.full(B, np.nan)  # most recent point
+    m_r2, m_G2 = np.full(B, np.nan), np.full(B, np.nan)  # the one before
+    model_steps = np.zeros(B, dtype=np.int64)
+
     r = _taylor_guess(g0, g1, g2, cutoff)
     known = np.isfinite(r)
     fallback = float(np.median(r[known])) if known.any() else 1.0
@@ -156,6 +163,12 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
         prev_lo[i_lo], prev_e_lo[i_lo] = lo[i_lo], e_lo[i_lo]
         lo[i_lo], e_lo[i_lo], f_lo[i_lo] = rp[upd_lo], e[upd_lo], f_new[upd_lo]
         last_side[i_hi], last_side[i_lo] = 1, -1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            G = np.log(e / (g1[pos] * rp + 0.5 * g2[pos] * rp * rp))
+        fresh = has_model[pos] & finite & (e > 0) & np.isfinite(G) & ~done
+        j = pos[fresh]
+        m_r2[j], m_G2[j] = m_r1[j], m_G1[j]
+        m_r1[j], m_G1[j] = rp[fresh], G[fresh]
 
         active[pos[done]] = False
         pos = np.flatnonzero(active)
@@ -165,6 +178,15 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
             lo[pos], e_lo[pos], hi[pos], e_hi[pos], f_lo[pos], f_hi[pos],
             prev_lo[pos], prev_e_lo[pos], target, log_target, limit[pos],
         )
+        # the Taylor-anchored model, while it is young and its step is safe
+        use = has_model[pos] & np.isfinite(m_G1[pos]) & (model_steps[pos] < MODEL_STEPS)
+        if use.any():
+            k = pos[use]
+            guess = _model_radius(g1[k], g2[k], target, m_r1[k], m_G1[k], m_r2[k], m_G2[k])
+            upper = np.where(np.isfinite(hi[k]), hi[k], np.minimum(MAX_GROWTH * lo[k], limit[k]))
+            safe = np.isfinite(guess) & (guess > lo[k]) & (guess < upper)
+            r[k[safe]] = guess[safe]
+            model_steps[k[safe]] += 1
         # a bracket that has collapsed in r: the cost jumps across the cutoff here
         collapsed = np.isfinite(hi[pos]) & (hi[pos] - lo[pos] <= 1e-12 * hi[pos])
         if collapsed.any():
@@ -177,6 +199,35 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
         costs[j] = e_hi[j] + anchor_cost
         status[j] = 3
     return RadiusResult(radii, costs, evaluations, status)
+
+
+def _model_radius(g1, g2, target, r1, G1, r2, G2, newton_steps=40):
+    """Where the Taylor-anchored model of the cost reaches the target.
+
+    The excess cost is modelled as e(r) = q(r)·exp(a·r^p) with q(r) = g1 r + ½ g2 r² the Taylor
+    polynomial at the anchor (exact as r → 0) and the correction a·r^p fitted to the measured
+    points G = log(e/q): through the last two (p from their ratio, clipped to [0.5, 4]), or
+    through the last one with p = 1 (the cubic term's order). Solved by Newton in log r from
+    the quadratic root; NaN when the model has no crossing.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        p = np.log(G1 / G2) / np.log(r1 / r2)
+        ok = np.isfinite(p) & (G1 * G2 > 0) & (r1 != r2)
+        p = np.where(ok, np.clip(p, 0.5, 4.0), 1.0)
+        a = G1 / r1**p
+        y = np.log(2.0 * target / (g1 + np.sqrt(g1 * g1 + 2.0 * g2 * target)))
+        log_target = np.log(target)
+        for _ in range(newton_steps):
+            er = np.exp(y)
+            q = g1 * er + 0.5 * g2 * er * er
+            corr = a * np.exp(p * y)
+            h = np.log(q) + corr - log_target
+            dh = (g1 * er + g2 * er * er) / q + p * corr
+            step = np.where(dh > 0, h / dh, np.nan)
+            y = y - np.clip(step, -2.0, 2.0)
+        er = np.exp(y)
+        h = np.log(g1 * er + 0.5 * g2 * er * er) + a * np.exp(p * y) - log_target
+    return np.where(np.abs(h) < 1e-9, er, np.nan)
 
 
 def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log_target, limit):
