@@ -123,6 +123,15 @@ def _anchor_curvature(cost, anchor, output, mask):
     """
     from .costs import to_log_probs
 
+    if cost == "kl" and output == "logits":
+        # d log p/dr = t − ⟨p, t⟩ for logit tangents t: the curvature is p₀'s variance of t
+        p0 = torch.softmax(anchor.detach(), -1)
+
+        def reduce_logits(t):
+            mean = (p0 * t).sum(-1, keepdim=True)
+            return _masked_mean((p0 * (t - mean) ** 2).sum(-1), mask)
+
+        return (lambda out: out), reduce_logits
     if cost == "kl":
         log_p0 = to_log_probs(anchor, output).detach()
         p0 = log_p0.exp()
