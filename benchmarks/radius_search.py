@@ -79,7 +79,7 @@ def main(argv=None):
     rows = []
     for rtol in (1e-2, 1e-3, 1e-6):
         est = LocalVolumeEstimator(CUTOFF, "gaussian", sigma=prior_sigma(), n_samples=k,
-                                   rtol=rtol, random_state=0, batch_size=k)
+                                   rtol=rtol, random_state=0)
         est.fit(run.model, X)  # warm-up (first vmap traces are slower)
         start = time.perf_counter()
         est.fit(run.model, X)
