@@ -7,6 +7,7 @@ curvature is computed once; every eps of the grid re-uses it and the same k dire
 
     python benchmarks/preconditioners.py            # k = 300 directions per (preconditioner, eps)
     python benchmarks/preconditioners.py --quick    # k = 30
+    python benchmarks/preconditioners.py --exponent 0.25 --only adam adam_m1 diag_hessian hesscale
 
 The "best eps" row of each preconditioner is the maximum over the grid on the same directions,
 so it is biased upwards by at most a few nats (the maximum of 6 estimates); the pilot column
@@ -54,13 +55,13 @@ def summarise(records, seconds):
     }
 
 
-def run_one(name, run, X, k, seed, grid):
+def run_one(name, run, X, k, seed, grid, exponent=0.5):
     """Curvature once, then k directions at each eps of the grid."""
     start = time.perf_counter()
     problem = prepare_problem(
         run.model, X, cost="kl", output="logits", cutoff=CUTOFF, rtol=1e-3,
         measure=Gaussian(sigma=prior_sigma()), preconditioner=resolve_preconditioner(name),
-        eps=grid[0], exponent=0.5, device="cpu", batch_size=None, n_directions=k,
+        eps=grid[0], exponent=exponent, device="cpu", batch_size=None, n_directions=k,
         optimizer=run.optimizer, random_state=seed,
     )
     prepare_seconds = time.perf_counter() - start
@@ -84,6 +85,8 @@ def main(argv=None):
     parser.add_argument("-k", type=int, default=None, help="directions per (preconditioner, eps)")
     parser.add_argument("--only", nargs="*", default=None, choices=NAMES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exponent", type=float, default=0.5,
+                        help="preconditioner_exponent: P ∝ 1/(|h|^exponent + eps)")
     parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -94,7 +97,7 @@ def main(argv=None):
     X = run.splits.X_test
     all_rows, pilots = [], {}
     for name in names:
-        rows, pilot = run_one(name, run, X, k, args.seed, GRID)
+        rows, pilot = run_one(name, run, X, k, args.seed, GRID, args.exponent)
         all_rows.extend(rows)
         pilots[name] = pilot
         best = max(rows, key=lambda r: r["log_volume"])
@@ -146,6 +149,8 @@ def main(argv=None):
             "not do.\n\nlog-volume (nats) by eps:\n\n```\n" + pivot_text + "\n```"
         )
         title = "Preconditioners on the digits MLP" + (" (quick)" if args.quick else "")
+        if args.exponent != 0.5:
+            title += f", preconditioner_exponent={args.exponent:g}"
         append_results(title, table, notes)
 
 
