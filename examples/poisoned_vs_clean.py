@@ -55,6 +55,12 @@ from volsk.scoring import make_volume_scorer
 N_TRAIN = 1024
 
 
+# %%
+# Poisoning as a hyperparameter
+# -----------------------------
+# The poison pool rides along as constructor arguments, so ``clone`` (which
+# ``cross_validate`` calls for every fold) copies it, and ``poison=0`` is an ordinary clean
+# classifier. Only ``train_step_single`` changes: the poison examples join each batch.
 class PoisonedNeuralNetClassifier(NeuralNetClassifier):
     """A skorch classifier whose every training batch is joined by poison examples.
 
@@ -124,6 +130,9 @@ class PoisonedNeuralNetClassifier(NeuralNetClassifier):
         return {"loss": loss, "y_pred": y_pred}
 
 
+# %%
+# The paper's recipe as a skorch net
+# ----------------------------------
 def make_net(poison, splits, *, epochs=25, batch_size=64, lr=0.05, seed=0):
     """The digits MLP (``make_digits_mlp``) as a skorch net trained with the paper's recipe."""
     steps = epochs * math.ceil(N_TRAIN / batch_size)
@@ -149,6 +158,13 @@ def make_net(poison, splits, *, epochs=25, batch_size=64, lr=0.05, seed=0):
     )
 
 
+# %%
+# Accuracy and log-volume, cross-validated
+# ----------------------------------------
+# One ``cross_validate`` call per net scores every held-out fold twice: accuracy, and the
+# log prior probability of the neighbourhood defined on that fold. The volume scorer draws its
+# directions from the same seeds for every fold and net (``random_state`` 0: common random
+# numbers), which makes the clean − poisoned differences less noisy.
 def compare(n_seeds=3, n_samples=100, epochs=25, preconditioner="diag_hessian", poison=0.3,
             n_jobs=None):
     """Cross-validate clean and poisoned nets; one row per (net, split).
@@ -196,8 +212,15 @@ def summarize(table):
     })
 
 
+# %%
+# Run it
+# ------
+# Three splits by default (well under a minute on one CPU thread). The numbers are estimates with
+# Monte Carlo noise of a few hundred nats at 100 directions; ``benchmarks/RESULTS.md``
+# discusses them with five splits and the naive estimator for contrast.
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Poisoned vs clean networks: who owns more of parameter space?")
     parser.add_argument("--seeds", type=int, default=3, help="ShuffleSplit splits (default 3)")
     parser.add_argument("--n-samples", type=int, default=100, help="directions per estimate")
     parser.add_argument("--epochs", type=int, default=25)

@@ -207,3 +207,29 @@ def test_hf_model_with_default_sdpa_attention():
     est = LocalVolumeEstimator(1e-2, sigma=0.05, n_samples=2, random_state=0)
     est.fit(model, ids, attention_mask=mask)
     assert np.isfinite(est.log_volume_)
+
+
+def test_hf_sdpa_diag_hessian_equals_the_eager_one():
+    # sdpa's mask checks branch on the data, so per-example Jacobians cannot be vmapped over
+    # examples there: the curvature falls back to one example at a time, with the same result
+    from volsk._curvature import curvature_target, ggn_diagonal
+    from volsk._engine import prepare_problem
+    from volsk.measures import Gaussian
+    from volsk.preconditioners import Identity, PreconditionerContext
+
+    ids, mask = token_batch()
+    diagonals = []
+    for impl in ("eager", "sdpa"):
+        problem = prepare_problem(
+            tiny_causal_lm(attn_implementation=impl), ids, cost="kl", output="logits",
+            cutoff=1e-2, rtol=1e-3, measure=Gaussian(sigma=0.05), preconditioner=Identity(),
+            eps=1e-3, exponent=0.5, device="cpu", batch_size=None, n_directions=2,
+            attention_mask=mask)
+        ctx = PreconditionerContext(problem.evaluator, problem.cost, problem.mask,
+                                    cost_name="kl", output="logits")
+        diagonals.append(ggn_diagonal(curvature_target(ctx)))
+    torch.testing.assert_close(diagonals[1], diagonals[0], rtol=1e-6, atol=1e-12)
+    est = LocalVolumeEstimator(1e-2, sigma=0.05, n_samples=2, preconditioner="diag_hessian",
+                               random_state=0)
+    assert np.isfinite(est.fit(tiny_causal_lm(attn_implementation="sdpa"), ids,
+                               attention_mask=mask).log_volume_)

@@ -210,6 +210,15 @@ def _take(obj, axes, sl):
     return obj[sl] if axes == 0 else obj
 
 
+def _example(obj, axes, i):
+    """Example i of a batch, without its leading axis (the inverse of _unsqueeze)."""
+    if isinstance(obj, dict):
+        return {k: _example(v, axes[k], i) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_example(v, a, i) for v, a in zip(obj, axes, strict=True))
+    return obj[i] if axes == 0 else obj
+
+
 def _unsqueeze(obj, axes):
     if isinstance(obj, dict):
         return {k: _unsqueeze(v, axes[k]) for k, v in obj.items()}
@@ -264,7 +273,16 @@ def _ggn_rows(target, what):
         jac = vmap(jacrev(one), in_dims=(None, x_axes, kw_axes))
         for start in range(0, batch.n, chunk):
             sl = slice(start, min(batch.n, start + chunk))
-            J = jac(a0, _take(batch.X, x_axes, sl), _take(batch.kwargs, kw_axes, sl))
+            X_sl, kw_sl = _take(batch.X, x_axes, sl), _take(batch.kwargs, kw_axes, sl)
+            try:
+                J = jac(a0, X_sl, kw_sl)
+            except RuntimeError:
+                # models with data-dependent control flow on their inputs (Hugging Face's
+                # attention-mask checks) cannot be vmapped over examples: one example at a time
+                J = torch.stack([
+                    jacrev(one)(a0, _example(X_sl, x_axes, i), _example(kw_sl, kw_axes, i))
+                    for i in range(sl.stop - sl.start)
+                ])
             J = J.to(torch.float64) * root[sl].reshape(J.shape[0], -1, 1)  # (chunk, K, n_a)
             yield J.reshape(-1, n_a)
 
