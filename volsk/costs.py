@@ -77,11 +77,17 @@ def kl_cost(anchor_outputs, output, mask=None):
         # at the anchor
         z0 = _upcast(anchor_outputs).detach()
         lse0 = torch.logsumexp(z0, -1)
+        # the mean over examples (tokens) as weighted sums with the per-row weights w; plain
+        # elementwise products and sums (not torch.dot, whose batched kernel rounds differently
+        # for different numbers of directions)
+        w = torch.ones_like(lse0) if mask is None else mask.to(lse0.dtype)
+        w = w / w.sum()
+        w_p0 = w.unsqueeze(-1) * p0
 
         def cost_from_logits(outputs):
             z = _upcast(outputs)
-            terms = torch.logsumexp(z, -1) - lse0 - (p0 * (z - z0)).sum(-1)
-            return _masked_mean(terms, mask)
+            shift = (w * (torch.logsumexp(z, -1) - lse0)).sum()
+            return shift - (w_p0 * (z - z0)).sum()
 
         return cost_from_logits
 
