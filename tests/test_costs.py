@@ -164,7 +164,7 @@ def test_decreasing_cost_radii_match_the_off_centre_ball_exactly():
     def shifted(outputs, anchor):
         return ((outputs - anchor - t) ** 2).mean() - (t**2).mean()
 
-    k = 40
+    k = 80
     est = LocalVolumeEstimator(cutoff, "lebesgue", cost=shifted, n_samples=k, rtol=1e-6,
                                random_state=0).fit(model, X)
     uc = _directions(est, n, k) @ c

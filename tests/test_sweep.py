@@ -117,7 +117,7 @@ def test_paired_differences_between_close_checkpoints_have_lower_spread(problem)
     # and the aggregate differences, over repeated random states
     differences = {True: [], False: []}
     for paired in (True, False):
-        for random_state in range(6):
+        for random_state in range(16):
             frame = sweep(models, X, estimator=base, paired=paired, random_state=random_state)
             differences[paired].append(frame["log_volume"].iloc[0] - frame["log_volume"].iloc[1])
     assert np.std(differences[True]) < 0.5 * np.std(differences[False])

@@ -1,8 +1,9 @@
 """Seeded, preconditioned directions and their importance log-weights.
 
-Direction i is a pure function of (random_state, i): a standard normal vector drawn from a
-generator seeded by ``SeedSequence([random_state, i])``, normalised to the unit sphere, mapped by
-P and normalised again. Results therefore do not depend on how directions are batched or which
+Direction i is a pure function of (random_state, i): a standard normal vector drawn from
+``numpy.random.default_rng([random_state, i])`` (PCG64 seeded by
+``SeedSequence([random_state, i])``), normalised to the unit sphere, mapped by P and normalised
+again. Results therefore do not depend on how directions are batched or which
 worker draws them, and a run can be extended (``partial_fit``) or sharded without storing a
 k × n matrix.
 """
@@ -12,13 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["direction_seed", "draw_directions"]
-
-
-def direction_seed(random_state: int, index: int) -> int:
-    """The 64-bit seed of direction ``index`` for base seed ``random_state``."""
-    state = np.random.SeedSequence([int(random_state), int(index)]).generate_state(2, np.uint32)
-    return int(state[0]) << 32 | int(state[1])
+__all__ = ["draw_directions"]
 
 
 def draw_directions(n, indices, random_state, preconditioner, device="cpu"):
@@ -54,11 +49,12 @@ def draw_directions(n, indices, random_state, preconditioner, device="cpu"):
     >>> U.shape, logw.tolist()
     (torch.Size([2, 3]), [0.0, 0.0])
     """
-    rows = []
-    for i in indices:
-        gen = torch.Generator(device="cpu").manual_seed(direction_seed(random_state, i))
-        rows.append(torch.randn(n, generator=gen, dtype=torch.float64))
-    G = torch.stack(rows).to(device)  # (B, n)
+    # numpy's ziggurat normals from a PCG64 seeded by SeedSequence([random_state, i]): about
+    # twice as fast as a fresh torch.Generator per direction on the CPU
+    rows = [
+        np.random.default_rng([int(random_state), int(i)]).standard_normal(n) for i in indices
+    ]
+    G = torch.from_numpy(np.stack(rows)).to(device)  # (B, n) float64
     G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
     if getattr(preconditioner, "is_identity", False):
         return G, np.zeros(len(rows))
