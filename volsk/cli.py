@@ -158,6 +158,20 @@ def estimate(args, out=None):
 
 
 def main(argv=None):
+    """The ``volsk`` command: ``volsk demo`` or ``volsk estimate MODEL X [options]``.
+
+    Examples
+    --------
+    >>> import io, contextlib
+    >>> from volsk.cli import main
+    >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+    ...     try:
+    ...         main(["--help"])
+    ...     except SystemExit:
+    ...         pass
+    >>> "demo" in out.getvalue() and "estimate" in out.getvalue()
+    True
+    """
     parser = argparse.ArgumentParser(
         prog="volsk", description="Local volume (prior probability) of trained networks."
     )

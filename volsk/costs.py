@@ -19,7 +19,15 @@ COSTS = ("kl", "cross_entropy", "mse")
 
 
 def to_log_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
-    """Log-probabilities over the last axis from logits, probabilities or log-probabilities."""
+    """Log-probabilities over the last axis from logits, probabilities or log-probabilities.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import to_log_probs
+    >>> to_log_probs(torch.tensor([[0.25, 0.75]]), "probabilities").exp()
+    tensor([[0.2500, 0.7500]])
+    """
     if output == "logits":
         return torch.log_softmax(outputs, dim=-1)
     if output == "probabilities":

@@ -247,6 +247,16 @@ class LocalVolumeEstimator(BaseEstimator):
         Returns
         -------
         self
+
+        Examples
+        --------
+        >>> import torch
+        >>> from volsk import LocalVolumeEstimator
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        >>> X = torch.linspace(-1, 1, 24).reshape(8, 3)
+        >>> est = LocalVolumeEstimator(cutoff=1e-2, sigma=1.0, n_samples=8, random_state=0)
+        >>> est.fit(net, X).sample_log_volumes_.shape
+        (8,)
         """
         return self._fit(model, X, y, self.n_samples, optimizer, attention_mask)
 
@@ -282,6 +292,19 @@ class LocalVolumeEstimator(BaseEstimator):
         Returns
         -------
         self
+
+        Examples
+        --------
+        >>> import torch
+        >>> from volsk import LocalVolumeEstimator
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        >>> X = torch.linspace(-1, 1, 24).reshape(8, 3)
+        >>> est = LocalVolumeEstimator(sigma=1.0, n_samples=4, random_state=0).fit(net, X)
+        >>> est.partial_fit(net, X, n_samples=4).sample_log_volumes_.shape
+        (8,)
+        >>> long = LocalVolumeEstimator(sigma=1.0, n_samples=8, random_state=0).fit(net, X)
+        >>> bool((long.sample_log_volumes_ == est.sample_log_volumes_).all())
+        True
         """
         extra = self.n_samples if n_samples is None else n_samples
         if not isinstance(extra, Integral) or extra < 1:
@@ -486,6 +509,18 @@ class LocalVolumeEstimator(BaseEstimator):
 
         The neighbourhood on new X is estimated with the same directions (same seed and
         ``n_samples``) around the same anchor.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from volsk import LocalVolumeEstimator
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        >>> X = torch.linspace(-1, 1, 24).reshape(8, 3)
+        >>> est = LocalVolumeEstimator(sigma=1.0, n_samples=4, random_state=0).fit(net, X)
+        >>> est.score() == est.log_volume_
+        True
+        >>> bool(abs(est.score(X) - est.log_volume_) < 1e-9)
+        True
         """
         check_is_fitted(self, "log_volume_")
         if X is None:
@@ -500,7 +535,18 @@ class LocalVolumeEstimator(BaseEstimator):
         return other.log_volume_
 
     def results_frame(self):
-        """A one-row DataFrame of the estimate and its diagnostics (for tables and sweeps)."""
+        """A one-row DataFrame of the estimate and its diagnostics (for tables and sweeps).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from volsk import LocalVolumeEstimator
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        >>> X = torch.linspace(-1, 1, 24).reshape(8, 3)
+        >>> est = LocalVolumeEstimator(sigma=1.0, n_samples=4, random_state=0).fit(net, X)
+        >>> list(est.results_frame().columns[:4])
+        ['log_volume', 'log10_volume', 'bits', 'lower_bound']
+        """
         check_is_fitted(self, "log_volume_")
         return pd.DataFrame(
             [

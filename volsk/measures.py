@@ -321,7 +321,16 @@ MEASURES = ("lebesgue", "gaussian", "uniform")
 
 
 def resolve_measure(measure, sigma="auto", bounds="init"):
-    """Turn the estimator's ``measure``/``sigma``/``bounds`` parameters into a measure object."""
+    """Turn the estimator's ``measure``/``sigma``/``bounds`` parameters into a measure object.
+
+    Examples
+    --------
+    >>> from volsk.measures import resolve_measure
+    >>> resolve_measure("gaussian", sigma=0.5)
+    Gaussian(sigma=0.5, mean='auto')
+    >>> resolve_measure("lebesgue")
+    Lebesgue()
+    """
     if isinstance(measure, str):
         if measure == "lebesgue":
             return Lebesgue()

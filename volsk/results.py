@@ -73,10 +73,26 @@ def log_lower_bound(log_volume: float, confidence: float = 0.95) -> float:
 
 
 def to_log10(log_value: float) -> float:
-    """Natural log → log10."""
+    """Natural log → log10.
+
+    Examples
+    --------
+    >>> import math
+    >>> from volsk.results import to_log10
+    >>> round(to_log10(math.log(1000.0)), 12)
+    3.0
+    """
     return float(log_value / LN10)
 
 
 def to_bits(log_probability: float) -> float:
-    """−log2 of a probability given as a natural log: the description length in bits."""
+    """−log2 of a probability given as a natural log: the description length in bits.
+
+    Examples
+    --------
+    >>> import math
+    >>> from volsk.results import to_bits
+    >>> to_bits(math.log(0.25))
+    2.0
+    """
     return float(-log_probability / LN2)
