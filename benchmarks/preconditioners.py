@@ -33,7 +33,7 @@ from volsk._engine import estimate_directions, prepare_problem  # noqa: E402
 from volsk.experiments.digits import prior_sigma, train_digits_mlp  # noqa: E402
 from volsk.measures import Gaussian  # noqa: E402
 from volsk.preconditioners import resolve_preconditioner, select_eps  # noqa: E402
-from volsk.results import aggregate_log_volume, effective_sample_size, to_log10  # noqa: E402
+from volsk.results import summarise_samples, to_log10  # noqa: E402
 
 CUTOFF = 1e-2
 DEFAULT_EPS = 1e-3
@@ -42,17 +42,9 @@ NAMES = ("naive", "adam", "adam_m1", "diag_hessian", "hesscale", "hessian", "fis
 
 
 def summarise(records, seconds):
-    ell = records["log_volume"]
-    log_volume = aggregate_log_volume(ell)
-    return {
-        "log_volume": log_volume,
-        "log10": to_log10(log_volume),
-        "max_sample": float(np.max(ell)),
-        "median_sample": float(np.median(ell)),
-        "ess": effective_sample_size(ell),
-        "evals/dir": float(np.mean(records["evaluations"])),
-        "seconds": seconds,
-    }
+    row = summarise_samples(records["log_volume"], records["evaluations"])
+    row["evals/dir"] = row.pop("evaluations_per_direction")
+    return {**row, "log10": to_log10(row["log_volume"]), "seconds": seconds}
 
 
 def run_one(name, run, X, k, seed, grid, exponent=0.5):

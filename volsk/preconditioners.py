@@ -602,7 +602,7 @@ def select_eps(problem, grid=EPS_GRID, n_directions=32, random_state=0) -> EpsSe
     import pandas as pd
 
     from ._engine import estimate_directions
-    from .results import aggregate_log_volume, effective_sample_size
+    from .results import summarise_samples
 
     grid = [float(e) for e in np.atleast_1d(np.asarray(grid, dtype=np.float64))]
     if not grid or any(not (math.isfinite(e) and e >= 0) for e in grid):
@@ -625,15 +625,7 @@ def select_eps(problem, grid=EPS_GRID, n_directions=32, random_state=0) -> EpsSe
     for eps in grid:
         candidate = replace(problem, preconditioner=bound.with_eps(eps))
         rec = estimate_directions(candidate, range(int(n_directions)), seed)
-        ell = rec["log_volume"]
-        rows.append({
-            "eps": eps,
-            "log_volume": aggregate_log_volume(ell),
-            "max_sample": float(np.max(ell)),
-            "median_sample": float(np.median(ell)),
-            "ess": effective_sample_size(ell),
-            "evaluations_per_direction": float(np.mean(rec["evaluations"])),
-        })
+        rows.append({"eps": eps, **summarise_samples(rec["log_volume"], rec["evaluations"])})
         candidates.append(candidate)
     table = pd.DataFrame(rows)
     scores = table["log_volume"].to_numpy()

@@ -10,6 +10,7 @@ from ._math import logsumexp_mean
 
 __all__ = [
     "aggregate_log_volume",
+    "summarise_samples",
     "effective_sample_size",
     "log_lower_bound",
     "to_log10",
@@ -30,6 +31,26 @@ def aggregate_log_volume(sample_log_volumes) -> float:
     0.0
     """
     return float(logsumexp_mean(np.asarray(sample_log_volumes, dtype=np.float64)))
+
+
+def summarise_samples(sample_log_volumes, evaluations) -> dict:
+    """Aggregate, best and median sample, ESS and evaluations per direction of one run.
+
+    Examples
+    --------
+    >>> from volsk.results import summarise_samples
+    >>> row = summarise_samples([0.0, 0.0], [3, 5])
+    >>> row["ess"], row["evaluations_per_direction"]
+    (2.0, 4.0)
+    """
+    ell = np.asarray(sample_log_volumes, dtype=np.float64)
+    return {
+        "log_volume": aggregate_log_volume(ell),
+        "max_sample": float(np.max(ell)),
+        "median_sample": float(np.median(ell)),
+        "ess": effective_sample_size(ell),
+        "evaluations_per_direction": float(np.mean(evaluations)),
+    }
 
 
 def effective_sample_size(sample_log_volumes) -> float:
