@@ -436,11 +436,12 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(0.4 * free)
-    # On the CPU a batch whose activations stay near the cache is fastest: measured on the
-    # digits MLP (1 thread), 16 directions per vmapped call cost 0.14 ms each (= one plain
-    # forward), 300 per call cost 0.68 ms each (memory bound). Larger models get one direction
-    # at a time.
-    return 64 << 20
+    # On the CPU a batch whose activations stay near the cache is fastest. Measured on the
+    # digits MLP (1 thread, CPU time of a whole fit at k = 300): 20 directions per vmapped
+    # call 0.84 ms per direction, 30–60 per call 0.80–0.82 ms, 100 per call 0.85 ms, 300 per
+    # call 1.7 ms (memory bound); this budget gives 40. Larger models get one direction at
+    # a time.
+    return 128 << 20
 
 
 def choose_batch_size(model: FunctionalModel, n_directions: int, factor: float = 3.0) -> int:

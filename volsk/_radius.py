@@ -63,7 +63,8 @@ def _taylor_guess(g0, g1, g2, cutoff):
     return guess
 
 
-def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=100):
+def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=100, *,
+               start=None, slope=2.0, bend=0.0):
     """Find the first crossing of ``cutoff`` along each ray.
 
     Parameters
@@ -95,16 +96,21 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
     >>> res.radii.tolist(), res.evaluations.tolist()
     ([1.0, 0.5], [2, 2])
     """
-    g0, g1, g2 = (np.asarray(v, dtype=np.float64) for v in taylor())
-    B = g0.shape[0]
     limit = np.asarray(limit, dtype=np.float64)
+    if start is None:
+        g0, g1, g2 = (np.asarray(v, dtype=np.float64) for v in taylor())
+    else:  # no Taylor coefficients: the search starts from measured points only
+        g0 = np.full(limit.shape[0], float(anchor_cost))
+        g1 = g2 = np.zeros(limit.shape[0])
+    B = g0.shape[0]
     target = cutoff - anchor_cost  # excess cost at the crossing (> 0)
     log_target = np.log(target)
 
     radii = np.full(B, np.nan)
     costs = np.full(B, np.nan)
     status = np.zeros(B, dtype=np.int8)
-    evaluations = np.ones(B, dtype=np.int64)  # the Taylor JVP counts as one evaluation
+    # the Taylor JVP counts as one evaluation
+    evaluations = np.full(B, 1 if start is None else 0, dtype=np.int64)
 
     lo = np.zeros(B)
     e_lo = np.zeros(B)  # excess cost C − C(θ) at lo
@@ -122,8 +128,11 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
     m_r2, m_G2 = np.full(B, np.nan), np.full(B, np.nan)  # the one before
     model_steps = np.zeros(B, dtype=np.int64)
 
-    r = _taylor_guess(g0, g1, g2, cutoff)
-    known = np.isfinite(r)
+    if start is None:
+        r = _taylor_guess(g0, g1, g2, cutoff)
+    else:
+        r = np.array(np.broadcast_to(np.asarray(start, dtype=np.float64), (B,)))
+    known = np.isfinite(r) & (r > 0)
     fallback = float(np.median(r[known])) if known.any() else 1.0
     r[~known] = fallback
     r = np.minimum(r, limit)
@@ -176,7 +185,7 @@ def find_radii(evaluate, taylor, limit, cutoff, rtol, anchor_cost=0.0, max_iter=
             break
         r[pos] = _next_radius(
             lo[pos], e_lo[pos], hi[pos], e_hi[pos], f_lo[pos], f_hi[pos],
-            prev_lo[pos], prev_e_lo[pos], target, log_target, limit[pos],
+            prev_lo[pos], prev_e_lo[pos], target, log_target, limit[pos], slope, bend,
         )
         # the Taylor-anchored model, while it is young and its step is safe
         use = has_model[pos] & np.isfinite(m_G1[pos]) & (model_steps[pos] < MODEL_STEPS)
@@ -230,7 +239,21 @@ def _model_radius(g1, g2, target, r1, G1, r2, G2, newton_steps=40):
     return np.where(np.abs(h) < 1e-9, er, np.nan)
 
 
-def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log_target, limit):
+def _one_point_step(e, target, slope, bend):
+    """log(R/r) from one measured point (r, e), if log(e/target) = s·x + ½κ·x² in x = log(r/R).
+
+    s (``slope``) and κ (``bend``) describe the log–log growth of the excess cost around the
+    crossing; κ = 0 gives the power law step (target/e)^(1/s).
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = np.log(e / target)
+        disc = slope * slope + 2.0 * bend * L
+        x = np.where(disc > 0, 2.0 * L / (slope + np.sqrt(np.maximum(disc, 0.0))), L / slope)
+    return -x
+
+
+def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log_target, limit,
+                 slope0=2.0, bend=0.0):
     """One safeguarded step in log–log space for each still-active direction."""
     r = np.empty_like(lo)
     bracketed = np.isfinite(hi)
@@ -241,9 +264,10 @@ def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log
         with np.errstate(divide="ignore", invalid="ignore"):
             slope = np.log(e_lo / prev_e_lo) / np.log(lo / prev_lo)
         ok = (prev_lo > 0) & (prev_e_lo > 0) & (e_lo > 0) & np.isfinite(slope)
-        slope = np.where(ok, np.clip(slope, 0.5, 8.0), 2.0)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            factor = np.where(e_lo > 0, (target / e_lo) ** (1.0 / slope), MAX_GROWTH_DOWNHILL)
+            two_points = (target / e_lo) ** (1.0 / np.clip(slope, 0.5, 8.0))
+            one_point = np.exp(_one_point_step(e_lo, target, slope0, bend))
+            factor = np.where(e_lo > 0, np.where(ok, two_points, one_point), MAX_GROWTH_DOWNHILL)
         cap = np.where(e_lo > 0, MAX_GROWTH, MAX_GROWTH_DOWNHILL)
         factor = np.clip(np.nan_to_num(factor, nan=MAX_GROWTH), 1.0 + 1e-9, cap)
         r[up] = np.minimum(lo[up] * factor[up], limit[up])
@@ -256,8 +280,8 @@ def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log
             usable = (lo > 0) & np.isfinite(f_lo) & np.isfinite(f_hi) & (f_hi > f_lo)
             x_lo, x_hi = np.log(lo), np.log(hi)
             secant = np.exp(x_lo - f_lo * (x_hi - x_lo) / (f_hi - f_lo))
-            # lo at the anchor: assume quadratic growth below the upper point
-            from_hi = hi * (target / e_hi) ** 0.5
+            # lo at the anchor: step down from the upper point with the assumed growth
+            from_hi = hi * np.exp(_one_point_step(e_hi, target, slope0, bend))
         step = np.where(usable, secant, np.where((lo == 0) & np.isfinite(e_hi) & (e_hi > 0),
                                                  from_hi, geo))
         inside = np.isfinite(step) & (step > lo) & (step < hi)

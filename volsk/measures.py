@@ -206,6 +206,7 @@ class _BoundGaussian:
     def __init__(self, theta, sigma, mean):
         self.n = theta.numel()
         self.inv_var = sigma.pow(-2)  # (n,)
+        self.isotropic = bool(self.inv_var.numel() > 0 and (self.inv_var == self.inv_var[0]).all())
         self.offset = (theta - mean) * self.inv_var  # (n,)
         c = float(((theta - mean).pow(2) * self.inv_var).sum())
         self.sigma = sigma
@@ -215,7 +216,10 @@ class _BoundGaussian:
 
     def ray_coefficients(self, U):
         # U (B, n) float64 unit directions in the active coordinates
-        a = (U.pow(2) * self.inv_var).sum(1)
+        if self.isotropic:  # one pass: a = |u|² / σ²
+            a = torch.linalg.vector_norm(U, dim=1).pow(2) * self.inv_var[0]
+        else:
+            a = (U.pow(2) * self.inv_var).sum(1)
         b = (U * self.offset).sum(1)
         return {"a": a.cpu().numpy(), "b": b.cpu().numpy()}
 

@@ -601,7 +601,7 @@ def select_eps(problem, grid=EPS_GRID, n_directions=32, random_state=0) -> EpsSe
     """
     import pandas as pd
 
-    from ._engine import estimate_directions
+    from ._engine import TAYLOR_START, estimate_directions
     from .results import summarise_samples
 
     grid = [float(e) for e in np.atleast_1d(np.asarray(grid, dtype=np.float64))]
@@ -624,7 +624,10 @@ def select_eps(problem, grid=EPS_GRID, n_directions=32, random_state=0) -> EpsSe
     rows, candidates = [], []
     for eps in grid:
         candidate = replace(problem, preconditioner=bound.with_eps(eps))
-        rec = estimate_directions(candidate, range(int(n_directions)), seed)
+        # a few directions: each searched from its own Taylor guess (a search pilot would
+        # cost as much as this eps pilot)
+        rec = estimate_directions(candidate, range(int(n_directions)), seed,
+                                  start=TAYLOR_START)
         rows.append({"eps": eps, **summarise_samples(rec["log_volume"], rec["evaluations"])})
         candidates.append(candidate)
     table = pd.DataFrame(rows)
