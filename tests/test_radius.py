@@ -9,7 +9,7 @@ import torch
 from models import quadratic_problem
 from volsk import LocalVolumeEstimator
 from volsk._engine import TAYLOR_START, calibrate_search, estimate_directions
-from volsk._radius import _one_point_step, find_radii
+from volsk._radius import _bent_secant, _one_point_step, find_radii
 
 CUT = 0.5
 
@@ -54,6 +54,16 @@ def test_one_point_step_is_exact_for_its_model(slope, bend, log_ratio):
     e = CUT * math.exp(slope * x + 0.5 * bend * x * x)
     step = float(_one_point_step(np.array(e), CUT, slope, bend))
     assert step == pytest.approx(-x, abs=1e-12)
+
+
+@pytest.mark.parametrize("bend", [-1.0, 0.5, 3.0])
+def test_bent_secant_is_exact_for_a_parabola_in_log_log(bend):
+    # L(x) = s (x − x_R) + ½ κ (x − x_R)², bracketed by two points around x_R
+    s, x_R = 2.5, 0.3
+    x_lo, x_hi = 0.1, 0.45
+    L = lambda x: s * (x - x_R) + 0.5 * bend * (x - x_R) ** 2  # noqa: E731
+    y = float(_bent_secant(np.array(L(x_lo)), np.array(L(x_hi)), x_hi - x_lo, bend))
+    assert x_lo + y == pytest.approx(x_R, abs=1e-12)
 
 
 def test_one_point_step_with_the_pilot_growth_lands_in_one_step():

@@ -43,7 +43,7 @@ _DEKKER_SPLIT = 134217729.0  # 2**27 + 1
 # concave log-integrand the mass beyond the cut-off is at most exp(-L) / (1 - exp(-L)) of the
 # mass inside it, so 60 nats leave ~1e-26 relative: invisible in float64.
 _CUTOFF_NATS = 60.0
-_BISECTION_STEPS = 40
+_BISECTION_STEPS = 20
 _BLOCK = 256  # directions per quadrature block: bounds the (block, nodes) temporaries
 
 

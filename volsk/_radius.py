@@ -252,6 +252,16 @@ def _one_point_step(e, target, slope, bend):
     return -x
 
 
+def _bent_secant(L_lo, L_hi, width, bend):
+    """Offset y in log r from the lower end where L_lo + c1·y + ½κ·y² = 0, the parabola of
+    curvature κ (``bend``) through both ends (``width`` apart); NaN where it has no root."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        c1 = (L_hi - L_lo) / width - 0.5 * bend * width
+        disc = c1 * c1 - 2.0 * bend * L_lo
+        y = -2.0 * L_lo / (c1 + np.sqrt(disc))
+    return np.where((disc >= 0) & (c1 > 0), y, np.nan)
+
+
 def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log_target, limit,
                  slope0=2.0, bend=0.0):
     """One safeguarded step in log–log space for each still-active direction."""
@@ -280,6 +290,13 @@ def _next_radius(lo, e_lo, hi, e_hi, f_lo, f_hi, prev_lo, prev_e_lo, target, log
             usable = (lo > 0) & np.isfinite(f_lo) & np.isfinite(f_hi) & (f_hi > f_lo)
             x_lo, x_hi = np.log(lo), np.log(hi)
             secant = np.exp(x_lo - f_lo * (x_hi - x_lo) / (f_hi - f_lo))
+            # with both residuals still the true logs (no Illinois halving pending, both ends
+            # above FLOOR), the secant of the assumed bend: exact if log(e/target) is
+            # quadratic in log r with curvature κ
+            plain = (e_lo >= FLOOR * target) & (e_hi > 0)
+            plain &= (f_lo == _residual(e_lo, target)) & (f_hi == _residual(e_hi, target))
+            bent = np.exp(x_lo + _bent_secant(f_lo, f_hi, x_hi - x_lo, bend))
+            secant = np.where(plain & (bend != 0.0), bent, secant)
             # lo at the anchor: step down from the upper point with the assumed growth
             from_hi = hi * np.exp(_one_point_step(e_hi, target, slope0, bend))
         step = np.where(usable, secant, np.where((lo == 0) & np.isfinite(e_hi) & (e_hi > 0),
