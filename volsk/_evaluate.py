@@ -168,6 +168,13 @@ class FunctionalModel:
             ]
             self.n_examples = sum(b.n for b in self.batches)
             self.X, self.forward_kwargs = concatenate_batches(self.batches)
+        from ._stacked import StackedMLP
+
+        # plain MLPs: costs from stacked weights, without vmap (same numbers, cheaper)
+        inputs = [(b.X, b.kwargs) for b in self.batches]
+        if self.X is not None:
+            inputs.append((self.X, self.forward_kwargs))
+        self.stacked = StackedMLP.of(self.module, self.space, self.fixed, inputs)
 
     def _to_device(self, X):
         if isinstance(X, torch.Tensor):
@@ -222,6 +229,8 @@ class FunctionalModel:
         its per-batch costs, a plain callable is evaluated on all of X.
         """
         with torch.no_grad():
+            if self.stacked is not None:
+                return self._stacked_costs(cost, thetas)
             if not isinstance(cost, BatchedCost):
                 return _vmap_rows(lambda flat: cost(self.outputs(flat)), thetas).double()
             total = torch.zeros(thetas.shape[0], dtype=torch.float64, device=thetas.device)
@@ -229,6 +238,19 @@ class FunctionalModel:
                 values = _vmap_rows(lambda flat, b=b, part=part: part(self.outputs(flat, b)),
                                     thetas)
                 total += weight * values.double()
+        return total
+
+    def _stacked_costs(self, cost, thetas):
+        """:meth:`costs` through :class:`~volsk._stacked.StackedMLP` (rows padded like
+        :func:`_vmap_rows`, so that a single direction gets the same kernels)."""
+        rows = thetas if thetas.shape[0] > 1 else thetas.expand(2, *thetas.shape[1:])
+        k = thetas.shape[0]
+        if not isinstance(cost, BatchedCost):
+            return vmap(cost)(self.stacked.outputs(rows, self.X))[:k].double()
+        total = torch.zeros(k, dtype=torch.float64, device=thetas.device)
+        for b, (part, weight) in enumerate(zip(cost.parts, cost.weights)):
+            outputs = self.stacked.outputs(rows, self.batches[b].X)
+            total += weight * vmap(part)(outputs)[:k].double()
         return total
 
     def ray_taylor(self, cost, directions: torch.Tensor):
