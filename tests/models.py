@@ -42,3 +42,14 @@ def log_ellipsoid_volume(curvatures, cutoff):
     lam = np.asarray(curvatures, dtype=np.float64)
     n = lam.size
     return (n / 2) * math.log(math.pi) - gammaln(n / 2 + 1) + 0.5 * np.sum(np.log(cutoff / lam))
+
+
+def small_mlp(seed=0, n=40):
+    """A 5-8-3 GELU MLP with N(0, 0.7²) parameters and ``n`` standard-normal inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+    X = torch.randn(n, 5, generator=gen)
+    return net, X

@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import quadratic_problem
+from models import quadratic_problem, small_mlp
 from volsk import LocalVolumeEstimator
 from volsk._math import log_ball_volume
-
-
-def small_mlp(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
-    X = torch.randn(40, 5, generator=gen)
-    return net, X
 
 
 def snapshot(model):

@@ -4,9 +4,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from models import quadratic_problem
+from models import quadratic_problem, small_mlp
 from volsk import LocalVolumeEstimator
 from volsk._engine import TAYLOR_START, calibrate_search, estimate_directions
 from volsk._radius import _bent_secant, _one_point_step, find_radii
@@ -129,15 +128,6 @@ def test_pilot_of_an_isotropic_quadratic():
     assert est.n_pilot_evaluations_ == start.evaluations > 0
     # every ray starts at its own crossing: one evaluation each
     assert (est.samples_["evaluations"] == 1).all()
-
-
-def small_mlp(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
-    return net, torch.randn(40, 5, generator=gen)
 
 
 @pytest.mark.parametrize("preconditioner", [None, "diag_hessian"])

@@ -20,19 +20,10 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import estimator_checks, get_tags
 
+from models import small_mlp
 from volsk import LocalVolumeEstimator
 
 N_PARAMS = 5 * 8 + 8 + 8 * 3 + 3  # 75
-
-
-def small_mlp(seed=0, n=40):
-    gen = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
-    X = torch.randn(n, 5, generator=gen)
-    return net, X
 
 
 def make(**params):

@@ -242,17 +242,10 @@ def test_cache_misses_when_parameters_data_or_weights_change(problem, tmp_path):
 # --------------------------------------------------------------------------------- backends
 
 
-def test_threading_backend_gives_the_same_table(reference, problem):
+@pytest.mark.parametrize("backend", ["threading", "loky"])
+def test_joblib_backend_gives_the_same_table(reference, problem, backend):
     models, X, base, grid = problem
-    with joblib.parallel_config(backend="threading"):
-        frame, samples = sweep(models, X, grid, estimator=base, n_jobs=2, return_samples=True)
-    assert_same_table(reference[0], frame)
-    pd.testing.assert_frame_equal(reference[1], samples, check_exact=True)
-
-
-def test_loky_backend_gives_the_same_table(reference, problem):
-    models, X, base, grid = problem
-    with joblib.parallel_config(backend="loky"):
+    with joblib.parallel_config(backend=backend):
         frame, samples = sweep(models, X, grid, estimator=base, n_jobs=2, return_samples=True)
     assert_same_table(reference[0], frame)
     pd.testing.assert_frame_equal(reference[1], samples, check_exact=True)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
-from ._evaluate import BatchedCost, FunctionalModel, _math_attention, extract_output, memory_budget
+from ._evaluate import BatchedCost, FunctionalModel, memory_budget
 from .costs import make_cost, to_log_probs
 
 __all__ = [
@@ -202,43 +202,34 @@ def _kwarg_axes(kwargs, n):
             for k, v in kwargs.items()}
 
 
-def _take(obj, axes, sl):
+def _per_example(obj, axes, fn):
+    """Apply ``fn`` to the tensors of ``obj`` (a tensor, tuple or dict) whose axis is 0 (one
+    entry per example); shared values pass through."""
     if isinstance(obj, dict):
-        return {k: _take(v, axes[k], sl) for k, v in obj.items()}
+        return {k: _per_example(v, axes[k], fn) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return tuple(_take(v, a, sl) for v, a in zip(obj, axes, strict=True))
-    return obj[sl] if axes == 0 else obj
+        return tuple(_per_example(v, a, fn) for v, a in zip(obj, axes, strict=True))
+    return fn(obj) if axes == 0 else obj
+
+
+def _take(obj, axes, sl):
+    return _per_example(obj, axes, lambda t: t[sl])
 
 
 def _example(obj, axes, i):
     """Example i of a batch, without its leading axis (the inverse of _unsqueeze)."""
-    if isinstance(obj, dict):
-        return {k: _example(v, axes[k], i) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_example(v, a, i) for v, a in zip(obj, axes, strict=True))
-    return obj[i] if axes == 0 else obj
+    return _per_example(obj, axes, lambda t: t[i])
 
 
 def _unsqueeze(obj, axes):
-    if isinstance(obj, dict):
-        return {k: _unsqueeze(v, axes[k]) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_unsqueeze(v, a) for v, a in zip(obj, axes, strict=True))
-    return obj.unsqueeze(0) if axes == 0 else obj
+    return _per_example(obj, axes, lambda t: t.unsqueeze(0))
 
 
 def _outputs_on(ev, flat, X, kwargs):
     """Model outputs at the flat parameters ``flat`` on inputs X (one example, under vmap)."""
     params = ev.space.unflatten(flat)
     params.update(ev.fixed)
-    with _math_attention():
-        if isinstance(X, dict):
-            out = functional_call(ev.module, params, args=(), kwargs={**X, **kwargs})
-        elif isinstance(X, tuple):
-            out = functional_call(ev.module, params, args=X, kwargs=kwargs)
-        else:
-            out = functional_call(ev.module, params, args=(X,), kwargs=kwargs)
-    return extract_output(out)
+    return ev.call(params, X, kwargs)
 
 
 def _ggn_rows(target, what):

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, jvp, vmap
 
+from ._stacked import StackedMLP
+
 __all__ = ["ParameterSpace", "FunctionalModel", "extract_output"]
 
 
@@ -168,8 +170,6 @@ class FunctionalModel:
             ]
             self.n_examples = sum(b.n for b in self.batches)
             self.X, self.forward_kwargs = concatenate_batches(self.batches)
-        from ._stacked import StackedMLP
-
         # plain MLPs: costs from stacked weights, without vmap (same numbers, cheaper)
         inputs = [(b.X, b.kwargs) for b in self.batches]
         if self.X is not None:
@@ -208,6 +208,11 @@ class FunctionalModel:
             X, kwargs = self.X, self.forward_kwargs
         else:
             X, kwargs = self.batches[batch].X, self.batches[batch].kwargs
+        return self.call(params, X, kwargs)
+
+    def call(self, params: dict, X, kwargs: dict) -> torch.Tensor:
+        """The module's output tensor with ``params`` on inputs X (a tensor, a tuple of
+        positional inputs or a dict of keyword inputs) and forward keyword arguments."""
         with _math_attention():
             if isinstance(X, dict):
                 out = functional_call(self.module, params, args=(), kwargs={**X, **kwargs})
