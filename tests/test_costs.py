@@ -232,4 +232,10 @@ def test_mse_and_callable_costs_run_on_a_regressor():
         1e-3, cost=lambda out, a: torch.nn.functional.mse_loss(out, a), sigma=0.5, n_samples=6,
         random_state=0).fit(reg, X)
     assert np.isfinite(mse.log_volume_)
-    np.testing.assert_allclose(same.sample_log_volumes_, mse.sample_log_volumes_, rtol=1e-12)
+    # the same cost, up to rounding: "mse" on a plain MLP is reduced in the fast path's
+    # transposed layout (volsk._stacked), the callable under vmap. Both searches stop within
+    # rtol of the cutoff, so radii agree to ~rtol and log-volumes to ~n·rtol.
+    assert mse._problem.evaluator.stacked is not None
+    np.testing.assert_allclose(same.radii_, mse.radii_, rtol=2 * mse.rtol)
+    np.testing.assert_allclose(same.sample_log_volumes_, mse.sample_log_volumes_,
+                               atol=mse.n_parameters_ * mse.rtol)

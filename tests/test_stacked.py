@@ -1,4 +1,7 @@
-"""The plain-MLP fast path for batched costs (volsk._stacked): same numbers as vmap, or unused."""
+"""The plain-MLP fast path for batched costs (volsk._stacked): the numbers of the vmapped path
+up to rounding (checked against float64), independent of the batch, or unused."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -31,37 +34,92 @@ def vmap_costs(ev, cost, thetas):
     return _vmap_rows(lambda flat: cost(ev.outputs(flat)), thetas).double()
 
 
-@pytest.mark.parametrize("name", list(ELIGIBLE))
-@pytest.mark.parametrize("cost_name", ["kl", "mse"])
-def test_stacked_costs_equal_the_vmapped_path_bit_for_bit(name, cost_name):
+def exact_outputs(net, X, thetas):
+    """The outputs at each (model-dtype-rounded) row of ``thetas``, computed in float64."""
+    ev64 = FunctionalModel(copy.deepcopy(net).double(), X.double(), "cpu")
+    dtype = next(net.parameters()).dtype
+    with torch.no_grad():
+        return torch.stack([ev64.outputs(row.to(dtype).double()) for row in thetas])
+
+
+def setup(name, cost_name, B, seed=2):
     net = ELIGIBLE[name]()
     dtype = next(net.parameters()).dtype
     X = torch.randn(30, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
     ev = FunctionalModel(net, X, "cpu")
     assert ev.stacked is not None
     cost = make_cost(cost_name, ev.anchor_outputs())
-    gen = torch.Generator().manual_seed(2)
-    for B in (1, 2, 5, 16):
-        thetas = ev.theta + 0.3 * torch.randn(B, ev.theta.numel(), generator=gen,
-                                              dtype=torch.float64)
-        fast = ev.costs(cost, thetas)
-        slow = vmap_costs(ev, cost, thetas)
-        assert torch.equal(fast, slow), (B, (fast - slow).abs().max())
+    gen = torch.Generator().manual_seed(seed)
+    thetas = ev.theta + 0.3 * torch.randn(B, ev.theta.numel(), generator=gen,
+                                          dtype=torch.float64)
+    return net, X, ev, cost, thetas
 
 
-def test_stacked_costs_over_data_batches_equal_the_vmapped_path():
+@pytest.mark.parametrize("name", list(ELIGIBLE))
+@pytest.mark.parametrize("B", [1, 2, 5, 16])
+def test_stacked_outputs_are_as_accurate_as_the_vmapped_path(name, B):
+    """Both paths against a float64 evaluation: the fast path differs by rounding only."""
+    net, X, ev, _, thetas = setup(name, "mse", B)
+    exact = exact_outputs(net, X, thetas)
+    with torch.no_grad():
+        fast = ev.stacked.outputs(thetas, X)[:B].double()
+        slow = torch.stack([ev.outputs(row) for row in thetas]).double()
+    assert fast.shape == exact.shape
+    eps = torch.finfo(next(net.parameters()).dtype).eps
+    scale = float(exact.abs().max())
+    err_fast = float((fast - exact).abs().max())
+    err_slow = float((slow - exact).abs().max())
+    # a few roundings per layer of a width-8 product: well within 50·eps of the largest output
+    assert err_fast <= 50 * eps * scale, (err_fast, scale)
+    assert err_fast <= max(4 * err_slow, 4 * eps * scale)
+
+
+def user_cost(outputs, anchor):
+    return (outputs - anchor).abs().mean()
+
+
+@pytest.mark.parametrize("name", list(ELIGIBLE))
+@pytest.mark.parametrize("cost_name", ["kl", "mse", user_cost])
+def test_stacked_costs_agree_with_the_vmapped_path(name, cost_name):
+    """kl and mse through their ``features_first`` reductions, other costs through vmap."""
+    net, X, ev, cost, thetas = setup(name, cost_name, 16)
+    assert hasattr(cost, "features_first") == (cost_name in ("kl", "mse"))
+    fast = ev.costs(cost, thetas)
+    slow = vmap_costs(ev, cost, thetas)
+    eps = torch.finfo(next(net.parameters()).dtype).eps
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e3 * eps, atol=1e3 * eps)
+
+
+@pytest.mark.parametrize("name", list(ELIGIBLE))
+@pytest.mark.parametrize("cost_name", ["kl", "mse"])
+def test_a_rows_cost_does_not_depend_on_its_batch(name, cost_name):
+    """Bit for bit: the guarantee behind batch_size / n_jobs / partial_fit invariance."""
+    _, _, ev, cost, thetas = setup(name, cost_name, 16)
+    together = ev.costs(cost, thetas)
+    for B in (1, 2, 5, 7):
+        parts = torch.cat([ev.costs(cost, thetas[i : i + B]) for i in range(0, 16, B)])
+        assert torch.equal(parts, together), (B, (parts - together).abs().max())
+
+
+def test_fits_with_and_without_the_fast_path_agree():
     net = ELIGIBLE["linear-gelu-linear"]()
     X = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
-    est = LocalVolumeEstimator(sigma=0.5, n_samples=12, data_batch_size=16, random_state=0)
+    rtol = 1e-3
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=12, data_batch_size=16, rtol=rtol,
+                               random_state=0)
     est.fit(net, X)
     assert est._problem.evaluator.stacked is not None
-    off = LocalVolumeEstimator(sigma=0.5, n_samples=12, data_batch_size=16, random_state=0)
+    off = LocalVolumeEstimator(sigma=0.5, n_samples=12, data_batch_size=16, rtol=rtol,
+                               random_state=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stacked_module.StackedMLP, "of", classmethod(lambda cls, *a: None))
         off.fit(net, X)
     assert off._problem.evaluator.stacked is None
-    np.testing.assert_array_equal(est.sample_log_volumes_, off.sample_log_volumes_)
-    assert est.n_evaluations_ == off.n_evaluations_
+    # both searches stop within rtol of the cutoff, so radii agree to ~rtol and each sample's
+    # log-volume (a radial integral over n dimensions) to ~n·rtol
+    np.testing.assert_allclose(est.radii_, off.radii_, rtol=2 * rtol)
+    np.testing.assert_allclose(est.sample_log_volumes_, off.sample_log_volumes_,
+                               atol=est.n_parameters_ * rtol)
 
 
 class Scaled(nn.Linear):
@@ -115,3 +173,50 @@ def test_sequence_inputs_take_the_general_path():
     net = ELIGIBLE["linear-gelu-linear"]()
     X = torch.randn(4, 5, 6)  # (N, T, features): not one (N, features) matrix
     assert FunctionalModel(net, X, "cpu").stacked is None
+
+
+ACTIVATIONS = [nn.GELU, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.ELU, nn.Softplus, nn.Mish, nn.ReLU]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_mlps_costs_do_not_depend_on_the_batch(seed):
+    """Random widths, depths, activations and numbers of examples: pointwise ops see padded
+    rows (volsk._stacked.ROW_ALIGN), so no direction's numbers fall in a kernel's scalar tail
+    for one batch size and not for another."""
+    rng = np.random.default_rng(seed)
+    widths = [int(w) for w in rng.integers(1, 14, size=rng.integers(2, 5))]
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), ACTIVATIONS[rng.integers(len(ACTIVATIONS))]()]
+    net = mlp(*layers[:-1], nn.Linear(widths[-1], 3), seed=seed)
+    X = torch.randn(int(rng.integers(3, 60)), widths[0],
+                    generator=torch.Generator().manual_seed(seed))
+    ev = FunctionalModel(net, X, "cpu")
+    assert ev.stacked is not None
+    gen = torch.Generator().manual_seed(seed)
+    thetas = ev.theta + 0.5 * torch.randn(13, ev.theta.numel(), generator=gen,
+                                          dtype=torch.float64)
+    for cost_name in ("kl", "mse"):
+        cost = make_cost(cost_name, ev.anchor_outputs())
+        together = ev.costs(cost, thetas)
+        for B in (1, 2, 3, 5, 7):
+            parts = torch.cat([ev.costs(cost, thetas[i : i + B]) for i in range(0, 13, B)])
+            assert torch.equal(parts, together), (widths, cost_name, B)
+
+
+@pytest.mark.parametrize("cost_name", ["kl", "mse"])
+def test_features_first_reductions_equal_the_per_example_cost(cost_name):
+    gen = torch.Generator().manual_seed(3)
+    anchor = torch.randn(37, 5, generator=gen)
+    cost = make_cost(cost_name, anchor)
+    outputs = anchor + 0.3 * torch.randn(6, 37, 5, generator=gen)
+    expected = torch.stack([cost(o) for o in outputs])
+    got = cost.features_first(outputs.transpose(1, 2).contiguous())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_costs_with_a_mask_or_sequences_have_no_features_first():
+    logits = torch.randn(4, 3, 5)
+    assert not hasattr(make_cost("kl", logits), "features_first")
+    assert not hasattr(make_cost("mse", logits, mask=torch.ones(4, 3)), "features_first")
+    assert not hasattr(make_cost("kl", logits[:, 0], output="probabilities"), "features_first")

@@ -343,7 +343,7 @@ def calibrate_search(problem: Problem, seed: int) -> SearchStart:
     state = np.random.SeedSequence([int(seed), SEARCH_PILOT_STREAM]).generate_state(1)
     # radii to 1 %: the growth is measured at the cost actually found there
     rec = _search_block(problem, np.arange(SEARCH_PILOT), int(state[0]), start=None,
-                        rtol=max(problem.rtol, PILOT_RTOL))
+                        rtol=max(problem.rtol, PILOT_RTOL), integrate=False)
     radii, status = rec["radius"], rec["status"]
     evaluations = int(rec["evaluations"].sum())
     good = np.isfinite(radii) & (radii > 0) & (status == 0)
@@ -376,9 +376,10 @@ def _block_size(problem: Problem, n: int) -> int:
 
 
 def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
-                  rtol: float | None = None) -> dict:
+                  rtol: float | None = None, integrate: bool = True) -> dict:
     """Draw the directions ``block`` and find their radii; per-direction records (arrays) and
-    ``evaluate``, the block's batched cost (for the pilot's slope)."""
+    ``evaluate``, the block's batched cost (for the pilot's slope). ``integrate=False`` skips
+    the radial integrals (the search pilot needs radii only): log-volumes are then NaN."""
     ev = problem.evaluator
     theta = ev.theta
     cols = torch.nonzero(problem.mask).flatten()
@@ -387,25 +388,18 @@ def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
                                    ev.device)
     coef = problem.measure.ray_coefficients(U_act)
     limit = np.minimum(problem.measure.search_limit(coef, block.size), problem.max_radius)
+    # the directions in the model's dtype, zero on flat coordinates: θ + r·u is formed in it
     if cols.numel() == theta.numel():
-        U = U_act
+        U = U_act.to(ev.model_dtype)
     else:
-        U = torch.zeros(block.size, theta.numel(), dtype=torch.float64, device=ev.device)
-        U.index_copy_(1, cols, U_act)
+        U = torch.zeros(block.size, theta.numel(), dtype=ev.model_dtype, device=ev.device)
+        U.index_copy_(1, cols, U_act.to(ev.model_dtype))
 
-    def evaluate(pos, r):
-        r_t = torch.as_tensor(r, dtype=torch.float64, device=ev.device)
-        # every direction still searching (the first rounds): slices, no gather
-        rows = U if len(pos) == U.shape[0] else U.index_select(
-            0, torch.as_tensor(pos, device=ev.device))
-        parts = [
-            ev.costs(problem.cost, theta + r_t[i : i + bs, None] * rows[i : i + bs])
-            for i in range(0, rows.shape[0], bs)
-        ]
-        return torch.cat(parts).cpu().numpy()
+    evaluate = ev.ray_costs(problem.cost, U, bs)
 
     def taylor():
-        chunks = [U[i : i + bs] for i in range(0, U.shape[0], bs)]
+        U64 = U.to(torch.float64)
+        chunks = [U64[i : i + bs] for i in range(0, U.shape[0], bs)]
         if problem.curvature is not None:
             g2 = torch.cat([ev.ray_curvature(*problem.curvature, c) for c in chunks])
             g2 = g2.cpu().numpy()
@@ -421,7 +415,10 @@ def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
         res = find_radii(evaluate, None, limit, problem.cutoff, rtol or problem.rtol,
                          anchor_cost=problem.anchor_cost, start=start.radius,
                          slope=start.slope, bend=start.bend)
-    log_I = problem.measure.log_radial_integral(coef, res.radii)
+    if integrate:
+        log_I = problem.measure.log_radial_integral(coef, res.radii)
+    else:
+        log_I = np.full(block.size, np.nan)
     return {
         "index": block,
         "log_volume": log_sphere_area(problem.n_active) + log_I + log_w,

@@ -51,13 +51,14 @@ def draw_directions(n, indices, random_state, preconditioner, device="cpu"):
     """
     # numpy's ziggurat normals from a PCG64 seeded by SeedSequence([random_state, i]): about
     # twice as fast as a fresh torch.Generator per direction on the CPU
-    rows = [
-        np.random.default_rng([int(random_state), int(i)]).standard_normal(n) for i in indices
-    ]
-    G = torch.from_numpy(np.stack(rows)).to(device)  # (B, n) float64
-    G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
+    indices = list(indices)
+    rows = np.empty((len(indices), n))
+    for row, i in zip(rows, indices):
+        np.random.default_rng([int(random_state), int(i)]).standard_normal(out=row)
+    G = torch.from_numpy(rows).to(device)  # (B, n) float64
+    G /= torch.linalg.vector_norm(G, dim=1, keepdim=True)
     if getattr(preconditioner, "is_identity", False):
-        return G, np.zeros(len(rows))
+        return G, np.zeros(len(indices))
     V = preconditioner.apply(G)
     norms = torch.linalg.vector_norm(V, dim=1)  # (B,)
     log_weights = (-n * torch.log(norms)).cpu().numpy()

@@ -3,7 +3,9 @@
 A cost here is a callable ``outputs -> scalar tensor`` with the anchor's outputs (and labels, and
 the token mask) bound in. Every cost is a mean over examples (and unmasked tokens), is >= 0 and
 is 0 at the anchor for "kl" and "mse"; "cross_entropy" measures the increase of the loss over
-the anchor's.
+the anchor's. The "kl" (on logits) and "mse" costs of (N, out) outputs also carry
+``cost.features_first``: the same cost for a batch of B transposed outputs (B, out, N) → (B,),
+as the plain-MLP fast path (``volsk._stacked``) produces them, without ``vmap``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,15 @@ def kl_cost(anchor_outputs, output, mask=None):
             shift = (w * (torch.logsumexp(z, -1) - lse0)).sum()
             return shift - (w_p0 * (z - z0)).sum()
 
+        if z0.ndim == 2:
+            z0_t, w_p0_t = z0.t().contiguous(), w_p0.t().contiguous()
+
+            def features_first(outputs_t):
+                z = _upcast(outputs_t)
+                shift = ((torch.logsumexp(z, 1) - lse0) * w).sum(1)
+                return shift - ((z - z0_t) * w_p0_t).sum((1, 2))
+
+            cost_from_logits.features_first = features_first
         return cost_from_logits
 
     def cost(outputs):
@@ -163,6 +174,13 @@ def mse_cost(anchor_outputs, mask=None):
             return torch.nn.functional.mse_loss(outputs, anchor)
         return _masked_mean((outputs - anchor).pow(2).mean(-1), mask)
 
+    if mask is None and anchor.ndim == 2:
+        anchor_t = anchor.t().contiguous()
+
+        def features_first(outputs_t):
+            return (_upcast(outputs_t) - anchor_t).pow(2).mean((1, 2))
+
+        cost.features_first = features_first
     return cost
 
 
