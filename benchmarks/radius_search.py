@@ -5,11 +5,12 @@ pilot's log–log growth, then Illinois regula falsi in log–log space; all dir
 in one vmapped forward) against the classic search: doubling then bisection, one direction at
 a time. One torch thread.
 
-Timing follows ``timeit``: each measurement is the minimum over ``--repeats`` runs, with the
-garbage collector off while it runs (a full collection of the ~400 000 objects a torch
-process holds takes ~0.2 s and lands in whichever run triggers it). Both wall-clock and
-process CPU time are reported; on a shared virtual machine the wall clock also counts time
-stolen by other guests, CPU time does not.
+Timing follows ``timeit``: each measurement is the minimum over ``--repeats`` runs, the runs
+of all measurements interleaved round-robin (so that the host's drifting speed reaches all of
+them alike), with the garbage collector off while they run (a full collection of the ~400 000
+objects a torch process holds takes ~0.2 s and lands in whichever run triggers it). Both
+wall-clock and process CPU time are reported; on a shared virtual machine the wall clock also
+counts time stolen by other guests, CPU time does not.
 
     python benchmarks/radius_search.py            # k = 300 directions per tolerance
     python benchmarks/radius_search.py --quick    # k = 60
@@ -40,6 +41,7 @@ from volsk.experiments.digits import prior_sigma, train_digits_mlp  # noqa: E402
 from volsk.preconditioners import Identity, PreconditionerContext  # noqa: E402
 
 CUTOFF = 1e-2
+RTOLS = (1e-2, 1e-3, 1e-6)
 
 
 class Forward:
@@ -61,28 +63,35 @@ class Forward:
         return wall / self.calls, cpu / self.calls
 
 
-def timed(fn, repeats, forward):
-    """Run ``fn`` ``repeats`` times, each right after timing one forward pass (the machine's
-    speed drifts over minutes on a shared host, so each run is paired with its own forward).
+def timed_round_robin(jobs, repeats, forward):
+    """Run every job of ``jobs`` ({name: fn}) ``repeats`` times, round-robin (job 1, job 2, …,
+    job 1, job 2, …), each run right after timing one forward pass. The machine's speed
+    drifts over minutes on a shared host: interleaving spreads every job over the whole
+    benchmark instead of giving each its own few minutes, and pairing each run with its own
+    forward gives a second, drift-free ratio.
 
-    Returns (last result, min wall s, min CPU s, median of per-run CPU ratios run/forward,
-    median of per-run wall ratios).
+    Returns {name: (last result, min wall s, min CPU s, median of per-run CPU ratios
+    run/forward, median of per-run wall ratios)}.
     """
-    walls, cpus, r_cpu, r_wall = [], [], [], []
+    runs = {name: ([], [], [], []) for name in jobs}
+    out = {}
     gc.collect()
     gc.disable()
     try:
         for _ in range(repeats):
-            f_wall, f_cpu = forward()
-            w, c = time.perf_counter(), time.process_time()
-            out = fn()
-            cpus.append(time.process_time() - c)
-            walls.append(time.perf_counter() - w)
-            r_cpu.append(cpus[-1] / f_cpu)
-            r_wall.append(walls[-1] / f_wall)
+            for name, fn in jobs.items():
+                walls, cpus, r_cpu, r_wall = runs[name]
+                f_wall, f_cpu = forward()
+                w, c = time.perf_counter(), time.process_time()
+                out[name] = fn()
+                cpus.append(time.process_time() - c)
+                walls.append(time.perf_counter() - w)
+                r_cpu.append(cpus[-1] / f_cpu)
+                r_wall.append(walls[-1] / f_wall)
     finally:
         gc.enable()
-    return out, min(walls), min(cpus), float(np.median(r_cpu)), float(np.median(r_wall))
+    return {name: (out[name], min(w), min(c), float(np.median(rc)), float(np.median(rw)))
+            for name, (w, c, rc, rw) in runs.items()}
 
 
 def doubling_bisection(evaluator, cost, theta, u, rtol, r0=1e-2, max_iter=200):
@@ -110,7 +119,7 @@ def doubling_bisection(evaluator, cost, theta, u, rtol, r0=1e-2, max_iter=200):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     k = 60 if args.quick else 300
@@ -122,13 +131,39 @@ def main(argv=None):
     X = run.splits.X_test
     forward = Forward(run.model, X)
 
-    rows, search_rows = [], []
-    for rtol in (1e-2, 1e-3, 1e-6):
+    # every timed job, run round-robin below
+    jobs, ests = {}, {}
+    for rtol in RTOLS:
         est = LocalVolumeEstimator(CUTOFF, "gaussian", sigma=prior_sigma(), n_samples=k,
                                    rtol=rtol, random_state=0)
         est.fit(run.model, X)  # warm-up (first vmap traces are slower)
-        _, wall, cpu, r_cpu, r_wall = timed(lambda est=est: est.fit(run.model, X), repeats,
-                                            forward)
+        ests[rtol] = est
+        jobs[("fit", rtol)] = lambda est=est: est.fit(run.model, X)
+        # the search alone on the prepared problem (the fits above replace est._problem, so
+        # keep this one)
+        for start_name, start in (("pilot", None), ("taylor", TAYLOR_START)):
+            jobs[(start_name, rtol)] = (
+                lambda start=start, problem=est._problem, seed=est.seed_: estimate_directions(
+                    problem, range(k), seed, start=start))
+
+    # the baseline: one direction at a time, doubling + bisection
+    evaluator = FunctionalModel(run.model, X, "cpu")
+    cost = make_cost("kl", evaluator.anchor_outputs())
+    mask = torch.ones(evaluator.space.n, dtype=torch.bool)
+    P = Identity().bind(PreconditionerContext(evaluator, cost, mask))
+    U, _ = draw_directions(evaluator.space.n, range(k_base), 0, P)
+    theta = evaluator.theta
+
+    def baseline():
+        return [doubling_bisection(evaluator, cost, theta, U[i], 1e-2)[1] for i in range(k_base)]
+
+    jobs[("baseline", 1e-2)] = baseline
+    results = timed_round_robin(jobs, repeats, forward)
+
+    rows, search_rows = [], []
+    for rtol in RTOLS:
+        est = ests[rtol]
+        _, wall, cpu, r_cpu, r_wall = results[("fit", rtol)]
         evals = est.n_evaluations_ / k
         pilot = est.n_pilot_evaluations_ / k
         rows.append({
@@ -144,14 +179,9 @@ def main(argv=None):
             "wall / (evals x fwd)": wall / k / evals / min(forward.walls),
             "log_volume": est.log_volume_,
         })
-        # the search alone on the same prepared problem: pilot start against Taylor start
-        problem, seed = est._problem, est.seed_
-        for name, start in (("pilot start", None), ("Taylor start (one JVP per ray)",
-                                                    TAYLOR_START)):
-            rec, wall, cpu, r_cpu, _ = timed(
-                lambda start=start, problem=problem, seed=seed: estimate_directions(
-                    problem, range(k), seed, start=start),
-                repeats, forward)
+        for start_name, name in (("pilot", "pilot start"),
+                                 ("taylor", "Taylor start (one JVP per ray)")):
+            rec, wall, cpu, r_cpu, _ = results[(start_name, rtol)]
             search_rows.append({
                 "search": name,
                 "rtol": rtol,
@@ -160,22 +190,11 @@ def main(argv=None):
                 "CPU / fwd per dir": r_cpu / k,
                 "log_volume": float(np.logaddexp.reduce(rec["log_volume"]) - np.log(k)),
             })
-        pilot_start = calibrate_search(problem, seed)
+        pilot_start = calibrate_search(est._problem, est.seed_)
         search_rows[-2]["search"] += (f" (r0 {pilot_start.radius:.3g}, slope "
                                       f"{pilot_start.slope:.2f}, bend {pilot_start.bend:.2f})")
 
-    # the baseline: one direction at a time, doubling + bisection
-    evaluator = FunctionalModel(run.model, X, "cpu")
-    cost = make_cost("kl", evaluator.anchor_outputs())
-    mask = torch.ones(evaluator.space.n, dtype=torch.bool)
-    P = Identity().bind(PreconditionerContext(evaluator, cost, mask))
-    U, _ = draw_directions(evaluator.space.n, range(k_base), 0, P)
-    theta = evaluator.theta
-
-    def baseline():
-        return [doubling_bisection(evaluator, cost, theta, U[i], 1e-2)[1] for i in range(k_base)]
-
-    evals, wall, cpu, r_cpu, r_wall = timed(baseline, repeats, forward)
+    evals, wall, cpu, r_cpu, r_wall = results[("baseline", 1e-2)]
     base_evals = float(np.mean(evals))
     rows.append({
         "search": "baseline (doubling + bisection, 1 direction at a time)",
@@ -214,7 +233,8 @@ def main(argv=None):
         f"`model(X)` under no_grad), timed before every run: {1e3 * min(forward.cpus):.3f}–"
         f"{1e3 * max(forward.cpus):.3f} ms CPU during this benchmark. "
         f"k = {k} directions per tolerance (baseline: {k_base}). Times are the min over "
-        f"{repeats} runs with the garbage collector off (timeit's convention); the ratios "
+        f"{repeats} runs, interleaved round-robin, with the garbage collector off (timeit's "
+        "convention); the ratios "
         "divide them by the min forward time; `(paired median)` is the median over runs of "
         "(run / the forward timed just before it), the same ratio measured another way. "
         "Seconds per direction, baseline at rtol 1e-2 / volsk at rtol 1e-2: "

@@ -220,3 +220,23 @@ def test_costs_with_a_mask_or_sequences_have_no_features_first():
     assert not hasattr(make_cost("kl", logits), "features_first")
     assert not hasattr(make_cost("mse", logits, mask=torch.ones(4, 3)), "features_first")
     assert not hasattr(make_cost("kl", logits[:, 0], output="probabilities"), "features_first")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_mlps_resolve_their_crossings(dtype):
+    """θ + r·u is formed in float32 (ray_dtype), each parameter rounded once to the model's
+    dtype: a half-precision r would move all parameters in the same coarse steps (0.4 % for
+    bfloat16) and the search could not meet rtol. Also: a bfloat16 X hashes (partial_fit's
+    fingerprint), though NumPy has no bfloat16."""
+    net = ELIGIBLE["linear-gelu-linear"]().to(dtype)
+    X = torch.randn(200, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
+    est = LocalVolumeEstimator(1e-2, sigma=0.5, n_samples=20, rtol=1e-2, random_state=0)
+    est.fit(net, X)
+    assert est._problem.evaluator.stacked is not None
+    assert est._problem.evaluator.ray_dtype == torch.float32
+    assert np.isfinite(est.log_volume_)
+    samples = est.samples_
+    assert (samples["status"] == "crossed").all()
+    np.testing.assert_allclose(samples["cost_at_radius"], 1e-2, rtol=1e-2)
+    est.partial_fit(net, X, n_samples=5)
+    assert len(est.sample_log_volumes_) == 25

@@ -388,12 +388,12 @@ def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
                                    ev.device)
     coef = problem.measure.ray_coefficients(U_act)
     limit = np.minimum(problem.measure.search_limit(coef, block.size), problem.max_radius)
-    # the directions in the model's dtype, zero on flat coordinates: θ + r·u is formed in it
+    # the directions in the dtype θ + r·u is formed in, zero on flat coordinates
     if cols.numel() == theta.numel():
-        U = U_act.to(ev.model_dtype)
+        U = U_act.to(ev.ray_dtype)
     else:
-        U = torch.zeros(block.size, theta.numel(), dtype=ev.model_dtype, device=ev.device)
-        U.index_copy_(1, cols, U_act.to(ev.model_dtype))
+        U = torch.zeros(block.size, theta.numel(), dtype=ev.ray_dtype, device=ev.device)
+        U.index_copy_(1, cols, U_act.to(ev.ray_dtype))
 
     evaluate = ev.ray_costs(problem.cost, U, bs)
 

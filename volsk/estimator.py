@@ -426,7 +426,9 @@ class LocalVolumeEstimator(BaseEstimator):
 
         def feed(value):
             if isinstance(value, torch.Tensor):
-                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+                # raw bytes, so that dtypes NumPy lacks (bfloat16) hash too
+                raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                h.update(str(value.dtype).encode() + raw.numpy().tobytes())
             elif isinstance(value, dict):
                 for k in sorted(value):
                     feed(value[k])
