@@ -39,6 +39,7 @@ FLAT_TOLERANCE = 1e-6  # a coordinate moved 10·max|θ| that changes the cost < 
 SEARCH_PILOT = 8  # directions of the search pilot (calibrate_search)
 PILOT_RTOL = 1e-2  # the pilot's radii need not be precise
 SEARCH_PILOT_STREAM = 0x726164697573  # "radius": the search pilot's own seed stream
+SETUP_ROWS = 64  # directions drawn and reduced together (their float64 rows stay in cache)
 SLOPE_STEP = 1.2  # the pilot measures the log–log growth at R / SLOPE_STEP, R, SLOPE_STEP·R
 
 
@@ -353,9 +354,10 @@ def calibrate_search(problem: Problem, seed: int) -> SearchStart:
     # the log–log growth of the excess cost around each pilot crossing
     pos = np.flatnonzero(good)
     log_e = np.log(rec["cost_at_radius"][good] - problem.anchor_cost)
+    both = rec["evaluate"](np.concatenate([pos, pos]),  # one batched call for both sides
+                           np.concatenate([SLOPE_STEP * radii[good], radii[good] / SLOPE_STEP]))
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_up = np.log(rec["evaluate"](pos, SLOPE_STEP * radii[good]) - problem.anchor_cost)
-        log_down = np.log(rec["evaluate"](pos, radii[good] / SLOPE_STEP) - problem.anchor_cost)
+        log_up, log_down = np.split(np.log(both - problem.anchor_cost), 2)
     evaluations += 2 * pos.size
     h = np.log(SLOPE_STEP)
     slopes = (log_up - log_down) / (2 * h)
@@ -384,16 +386,26 @@ def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
     theta = ev.theta
     cols = torch.nonzero(problem.mask).flatten()
     bs = problem.batch_size
-    U_act, log_w = draw_directions(problem.n_active, block, seed, problem.preconditioner,
-                                   ev.device)
-    coef = problem.measure.ray_coefficients(U_act)
+    # the directions in the dtype θ + r·u is formed in, zero on flat coordinates; drawn,
+    # preconditioned and reduced to the measure's coefficients SETUP_ROWS at a time, so that
+    # their float64 rows are still in cache for each pass over them
+    full = cols.numel() == theta.numel()
+    U = (torch.empty if full else torch.zeros)(block.size, theta.numel(), dtype=ev.ray_dtype,
+                                              device=ev.device)
+    coefs, log_ws = [], []
+    for first in range(0, block.size, SETUP_ROWS):
+        part = block[first : first + SETUP_ROWS]
+        U_act, log_w = draw_directions(problem.n_active, part, seed, problem.preconditioner,
+                                       ev.device)
+        coefs.append(problem.measure.ray_coefficients(U_act))
+        log_ws.append(log_w)
+        if full:
+            U[first : first + part.size].copy_(U_act)
+        else:
+            U[first : first + part.size].index_copy_(1, cols, U_act.to(ev.ray_dtype))
+    coef = {key: np.concatenate([c[key] for c in coefs]) for key in coefs[0]}
+    log_w = np.concatenate(log_ws)
     limit = np.minimum(problem.measure.search_limit(coef, block.size), problem.max_radius)
-    # the directions in the dtype θ + r·u is formed in, zero on flat coordinates
-    if cols.numel() == theta.numel():
-        U = U_act.to(ev.ray_dtype)
-    else:
-        U = torch.zeros(block.size, theta.numel(), dtype=ev.ray_dtype, device=ev.device)
-        U.index_copy_(1, cols, U_act.to(ev.ray_dtype))
 
     evaluate = ev.ray_costs(problem.cost, U, bs)
 
