@@ -504,10 +504,11 @@ def memory_budget(device: torch.device) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return int(0.4 * free)
     # On the CPU a batch whose activations stay near the cache is fastest. Measured on the
-    # digits MLP (1 thread, CPU time of a whole fit at k = 300): 20 directions per vmapped
-    # call 0.84 ms per direction, 30–60 per call 0.80–0.82 ms, 100 per call 0.85 ms, 300 per
-    # call 1.7 ms (memory bound); this budget gives 40. Larger models get one direction at
-    # a time.
+    # digits MLP (1 thread, CPU time of a whole fit at k = 300, before the transposed MLP
+    # path): 20 directions per vmapped call 0.84 ms per direction, 30–60 per call 0.80–0.82
+    # ms, 100 per call 0.85 ms, 300 per call 1.7 ms (memory bound); with the transposed path
+    # (fits alternated in one process): 24–48 per call 0.63–0.65 ms, 64 per call 0.68 ms.
+    # This budget gives 40. Larger models get one direction at a time.
     return 128 << 20
 
 
