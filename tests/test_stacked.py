@@ -27,7 +27,18 @@ ELIGIBLE = {
     "one layer, float64": lambda: mlp(nn.Linear(6, 3), dtype=torch.float64),
     "identity and sigmoid": lambda: mlp(nn.Identity(), nn.Linear(6, 4), nn.Sigmoid(),
                                         nn.Linear(4, 2)),
+    "one activation instance used twice": lambda: _shared_activation(),
 }
+
+
+def _shared_activation():
+    act = nn.Tanh()  # named_children() would yield it once
+    return mlp(nn.Linear(6, 8), act, nn.Linear(8, 8), act, nn.Linear(8, 3))
+
+
+def _tied():
+    lin = nn.Linear(8, 8)
+    return mlp(nn.Linear(6, 8), nn.ReLU(), lin, nn.ReLU(), lin, nn.Linear(8, 3))
 
 
 def vmap_costs(ev, cost, thetas):
@@ -53,6 +64,19 @@ def setup(name, cost_name, B, seed=2):
     thetas = ev.theta + 0.3 * torch.randn(B, ev.theta.numel(), generator=gen,
                                           dtype=torch.float64)
     return net, X, ev, cost, thetas
+
+
+@pytest.mark.parametrize("name", list(ELIGIBLE))
+def test_stacked_outputs_at_the_anchor_are_the_models_own(name):
+    net = ELIGIBLE[name]()
+    X = torch.randn(30, 6, generator=torch.Generator().manual_seed(1)).to(
+        next(net.parameters()).dtype)
+    ev = FunctionalModel(net, X, "cpu")
+    with torch.no_grad():
+        fast = ev.stacked.outputs(ev.theta[None], X)[0]
+        own = net.eval()(X)
+    eps = torch.finfo(own.dtype).eps
+    assert float((fast - own).abs().max()) <= 50 * eps * float(own.abs().max())
 
 
 @pytest.mark.parametrize("name", list(ELIGIBLE))
@@ -148,6 +172,7 @@ INELIGIBLE = {
     "nested Sequential": lambda: mlp(nn.Sequential(nn.Linear(6, 8), nn.GELU()),
                                      nn.Linear(8, 3)),
     "PReLU (a parameter)": lambda: mlp(nn.Linear(6, 8), nn.PReLU(), nn.Linear(8, 3)),
+    "a Linear used twice (tied weights)": _tied,
 }
 
 

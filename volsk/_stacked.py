@@ -129,7 +129,8 @@ class StackedMLP:
             if not X.is_floating_point() or X.dtype != space.dtypes[0]:
                 return None
         lead, layers, expected = [], [], []
-        for name, child in module.named_children():
+        # every entry, repeats included (named_children() yields a module used twice once)
+        for name, child in module._modules.items():
             if type(child) is nn.Linear:
                 has_bias = child.bias is not None
                 layers.append(("linear", child.out_features, child.in_features, has_bias))
