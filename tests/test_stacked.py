@@ -278,3 +278,33 @@ def test_fits_of_a_tail_prone_mlp_do_not_depend_on_batch_size():
     for other in fits[1:]:
         np.testing.assert_array_equal(other.sample_log_volumes_, fits[0].sample_log_volumes_)
         np.testing.assert_array_equal(other.radii_, fits[0].radii_)
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["fast path", "general path"])
+def test_inplace_activations_leave_X_and_the_model_alone(wrap):
+    """inplace=True activations (a leading one would overwrite X, and torch.func refuses to
+    mutate a captured tensor): volsk's private copy computes out of place."""
+    net = mlp(nn.LeakyReLU(0.1, inplace=True), nn.Linear(6, 8),
+              nn.LeakyReLU(0.1, inplace=True), nn.Linear(8, 3))
+    model = Wrapped(net) if wrap else net
+    X = torch.randn(30, 6, generator=torch.Generator().manual_seed(1))
+    before = X.clone()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=8, random_state=0).fit(model, X)
+    assert (est._problem.evaluator.stacked is None) == wrap
+    assert torch.equal(X, before)
+    assert net[0].inplace and net[2].inplace  # the user's modules keep their flags
+    ev = est._problem.evaluator
+    with torch.no_grad():
+        own = net(before.clone())
+        torch.testing.assert_close(ev.anchor_outputs(), own)
+        if not wrap:
+            torch.testing.assert_close(ev.stacked.outputs(ev.theta[None], X)[0], own)

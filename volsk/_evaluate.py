@@ -139,6 +139,12 @@ class FunctionalModel:
         self.device = torch.device(device)
         self.module = copy.deepcopy(module).to(self.device)
         self.module.eval()
+        for m in self.module.modules():
+            # ReLU(inplace=True) and friends: the same numbers, but an in-place op on X (a
+            # leading activation) would change the caller's data and is refused inside
+            # torch.func transforms; the private copy computes out of place
+            if isinstance(getattr(m, "inplace", None), bool):
+                m.inplace = False
         for p in self.module.parameters():
             p.grad = None  # requires_grad is kept: it marks what is trainable (perturbed)
         self.space = ParameterSpace.of(module)
