@@ -386,15 +386,17 @@ def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
     theta = ev.theta
     cols = torch.nonzero(problem.mask).flatten()
     bs = problem.batch_size
-    # the directions in the dtype θ + r·u is formed in, zero on flat coordinates; drawn,
-    # preconditioned and reduced to the measure's coefficients SETUP_ROWS at a time, so that
-    # their float64 rows are still in cache for each pass over them
+    # the directions in the dtype θ + r·u is formed in, zero on flat coordinates; on the CPU
+    # drawn, preconditioned and reduced to the measure's coefficients SETUP_ROWS at a time, so
+    # that their float64 rows are still in cache for each pass over them (on a GPU at once:
+    # each part ends in a copy of its coefficients to the host)
     full = cols.numel() == theta.numel()
     U = (torch.empty if full else torch.zeros)(block.size, theta.numel(), dtype=ev.ray_dtype,
                                               device=ev.device)
+    step = SETUP_ROWS if ev.device.type == "cpu" else max(1, block.size)
     coefs, log_ws = [], []
-    for first in range(0, block.size, SETUP_ROWS):
-        part = block[first : first + SETUP_ROWS]
+    for first in range(0, block.size, step):
+        part = block[first : first + step]
         U_act, log_w = draw_directions(problem.n_active, part, seed, problem.preconditioner,
                                        ev.device)
         coefs.append(problem.measure.ray_coefficients(U_act))

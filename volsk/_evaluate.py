@@ -239,33 +239,27 @@ class FunctionalModel:
     def costs(self, cost, thetas: torch.Tensor) -> torch.Tensor:
         """``cost`` at each row of ``thetas`` (B, n) → (B,) float64.
 
-        One vmapped forward pass per data batch; a :class:`BatchedCost` is the weighted sum of
-        its per-batch costs, a plain callable is evaluated on all of X.
+        One vmapped forward pass per data batch (a plain MLP: one stacked pass, see
+        volsk._stacked); a :class:`BatchedCost` is the weighted sum of its per-batch costs, a
+        plain callable is evaluated on all of X.
         """
-        with torch.no_grad():
-            if self.stacked is not None:
-                # plain MLPs: stacked weights (volsk._stacked), rows padded like _vmap_rows
-                return self._combine(cost, thetas.shape[0], lambda b: self.stacked.features_first(
-                    thetas, self.X if b is None else self.batches[b].X))
-            return self._combine(cost, thetas.shape[0], lambda b: None, thetas)
+        k = thetas.shape[0]
 
-    def _combine(self, cost, k, outputs_of, thetas=None):
-        """The cost of k parameter vectors, over all data batches. ``outputs_of(b)`` gives the
-        (padded) transposed outputs (B, out, N) on data batch b (None: all of X); with
-        ``thetas`` the outputs come from vmap over its rows instead."""
         def one(part, b):
-            if thetas is not None:
+            if self.stacked is None:
                 return _vmap_rows(lambda flat: part(self.outputs(flat, b)), thetas)
-            outputs_t = outputs_of(b)
+            X = self.X if b is None else self.batches[b].X
+            outputs_t = self.stacked.features_first(thetas, X)  # (B', out, N), padded rows
             if hasattr(part, "features_first"):
                 return part.features_first(outputs_t)[:k]
             return vmap(part)(outputs_t.transpose(1, 2))[:k]
 
-        if not isinstance(cost, BatchedCost):
-            return one(cost, None).double()
-        total = torch.zeros(k, dtype=torch.float64, device=self.device)
-        for b, (part, weight) in enumerate(zip(cost.parts, cost.weights)):
-            total += weight * one(part, b).double()
+        with torch.no_grad():
+            if not isinstance(cost, BatchedCost):
+                return one(cost, None).double()
+            total = torch.zeros(k, dtype=torch.float64, device=self.device)
+            for b, (part, weight) in enumerate(zip(cost.parts, cost.weights)):
+                total += weight * one(part, b).double()
         return total
 
     # -- costs along rays -----------------------------------------------------------------------

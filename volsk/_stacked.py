@@ -107,10 +107,16 @@ class StackedMLP:
 
     def __init__(self, lead, layers, numels, dtype):
         self.lead = lead  # pointwise modules before the first Linear (applied to X once)
-        self.layers = layers  # ("linear", out, in, has_bias) or ("pointwise", module)
+        # ("linear", out, in, has_bias) or ("pointwise", function that may work in place)
+        self.layers = layers
         self.numels = numels
         self.dtype = dtype
-        self._inputs = {}  # id(X) -> (X, lead(X) transposed)
+        self._inputs = {}  # id(X) -> (X, lead(X) transposed and padded)
+        # examples are padded to a multiple of this (see ROW_ALIGN)
+        self.pad_to = 1
+        for before, after in zip(layers, layers[1:]):
+            if before[0] == "linear" and after[0] == "pointwise":
+                self.pad_to = math.lcm(self.pad_to, ROW_ALIGN // math.gcd(before[1], ROW_ALIGN))
 
     @classmethod
     def of(cls, module, space, fixed, inputs):
@@ -155,12 +161,8 @@ class StackedMLP:
             h = X
             for module in self.lead:
                 h = module(h)
-            step = 1
-            for before, after in zip(self.layers, self.layers[1:]):
-                if before[0] == "linear" and after[0] == "pointwise":
-                    step = math.lcm(step, ROW_ALIGN // math.gcd(before[1], ROW_ALIGN))
             n = h.shape[0]
-            padded = h.new_zeros(h.shape[1], -(-n // step) * step)
+            padded = h.new_zeros(h.shape[1], -(-n // self.pad_to) * self.pad_to)
             padded[:, :n] = h.t()
             self._inputs[key] = (X, padded)
         return self._inputs[key][1]
