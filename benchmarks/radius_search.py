@@ -66,10 +66,10 @@ class Forward:
 
 def timed_round_robin(jobs, repeats, forward):
     """Run every job of ``jobs`` ({name: fn}) ``repeats`` times, round-robin (job 1, job 2, …,
-    job 1, job 2, …), each run right after timing one forward pass. The machine's speed
-    drifts over minutes on a shared host: interleaving spreads every job over the whole
-    benchmark instead of giving each its own few minutes, and pairing each run with its own
-    forward gives a second, drift-free ratio.
+    then job 2, job 3, …, job 1, and so on), each run right after timing one forward pass.
+    The machine's speed drifts over minutes on a shared host: interleaving spreads every job
+    over the whole benchmark instead of giving each its own few minutes, and pairing each run
+    with its own forward gives a second, drift-free ratio.
 
     Returns {name: (last result, min wall s, min CPU s, median of per-run CPU ratios
     run/forward, median of per-run wall ratios)}.
@@ -79,8 +79,12 @@ def timed_round_robin(jobs, repeats, forward):
     gc.collect()
     gc.disable()
     try:
-        for _ in range(repeats):
-            for name, fn in jobs.items():
+        names = list(jobs)
+        for i in range(repeats):
+            # each round starts one job later, so that no job always follows the same one
+            # (the first fit used to run right after the baseline's one-direction loop)
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                fn = jobs[name]
                 walls, cpus, r_cpu, r_wall = runs[name]
                 f_wall, f_cpu = forward()
                 w, c = time.perf_counter(), time.process_time()
