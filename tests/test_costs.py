@@ -1,6 +1,7 @@
 """Costs: KL (masked), cross-entropy (which can decrease), mse and user callables."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -235,7 +236,122 @@ def test_mse_and_callable_costs_run_on_a_regressor():
     # the same cost, up to rounding: "mse" on a plain MLP is reduced in the fast path's
     # transposed layout (volsk._stacked), the callable under vmap. Both searches stop within
     # rtol of the cutoff, so radii agree to ~rtol and log-volumes to ~n·rtol.
-    assert mse._problem.evaluator.stacked is not None
+    assert mse._evaluator.stacked is not None
     np.testing.assert_allclose(same.radii_, mse.radii_, rtol=2 * mse.rtol)
     np.testing.assert_allclose(same.sample_log_volumes_, mse.sample_log_volumes_,
                                atol=mse.n_parameters_ * mse.rtol)
+
+
+# --------------------------------------------------------------- what the outputs are
+
+
+def binary_net(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return net, torch.randn(48, 4, generator=gen)
+
+
+class TwoLogits(torch.nn.Module):
+    """The same classifier with the logits (0, z): softmax([0, z]) = (1 − σ(z), σ(z))."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        z = self.net(x)
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+
+def test_one_logit_is_a_bernoulli_kl_equal_to_the_two_class_kl():
+    net, X = binary_net()
+    anchor, other = net(X).detach(), net(X).detach() + 0.3
+    bernoulli = make_cost("kl", anchor, output="binary_logits")(other)
+    two = make_cost("kl", TwoLogits(torch.nn.Identity())(anchor))(TwoLogits(
+        torch.nn.Identity())(other))
+    assert float(bernoulli) > 0
+    torch.testing.assert_close(bernoulli, two, rtol=1e-5, atol=0)
+    probs = make_cost("kl", torch.sigmoid(anchor), output="binary_probabilities")
+    torch.testing.assert_close(probs(torch.sigmoid(other)), two, rtol=1e-4, atol=0)
+
+
+def test_a_one_logit_classifier_is_read_as_binary_and_matches_its_two_logit_twin():
+    net, X = binary_net()
+    est = LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=12, random_state=0).fit(net, X)
+    twin = LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=12, random_state=0).fit(
+        TwoLogits(net), X)
+    assert (est.samples_["status"] == "crossed").all()  # not "unbounded": the KL is not 0
+    np.testing.assert_allclose(est.sample_log_volumes_, twin.sample_log_volumes_, rtol=1e-5)
+
+
+def test_a_skorch_net_with_a_binary_criterion_is_read_as_binary():
+    from skorch import NeuralNetBinaryClassifier
+
+    net, X = binary_net()
+    Xn, y = X.numpy(), (X[:, 0] > 0).float().numpy()
+
+    class Squeezed(torch.nn.Module):  # skorch's binary classifier wants (N,) logits
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).squeeze(-1)
+
+    clf = NeuralNetBinaryClassifier(Squeezed, max_epochs=1, train_split=None, verbose=0)
+    clf.fit(Xn, y)
+    est = LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=6, random_state=0).fit(clf, Xn)
+    assert np.isfinite(est.log_volume_)
+    assert (est.samples_["status"] == "crossed").all()
+
+
+@pytest.mark.parametrize("out_features, output, match", [
+    (1, "logits", r"\(48, 1\).*identically 0.*binary_logits"),
+    (1, "probabilities", r"\(48, 1\).*binary_probabilities"),
+    (3, "binary_logits", r"one output per example.*\(48, 3\)"),
+])
+def test_outputs_the_cost_cannot_read_are_refused_with_the_shape(out_features, output, match):
+    net = torch.nn.Linear(4, out_features)
+    with pytest.raises(ValueError, match=match):
+        LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=2, output=output).fit(
+            net, torch.randn(48, 4))
+
+
+def test_vector_outputs_are_refused_under_kl():
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.lin(x).squeeze(-1)  # (N,): one logit per example, not a distribution
+
+    with pytest.raises(ValueError, match=r"shape \(48,\).*binary_logits"):
+        LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=2).fit(Flat(), torch.randn(48, 4))
+    est = LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=4, output="binary_logits",
+                               random_state=0).fit(Flat(), torch.randn(48, 4))
+    assert np.isfinite(est.log_volume_)
+
+
+def test_probability_outputs_read_as_logits_warn():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(-1))
+    with pytest.warns(UserWarning, match="look like probabilities.*output='probabilities'"):
+        LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=2).fit(net, torch.randn(48, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        LocalVolumeEstimator(1e-2, sigma=1.0, n_samples=2, output="probabilities").fit(
+            net, torch.randn(48, 4))
+
+
+def test_binary_cross_entropy_takes_zero_one_labels():
+    net, X = binary_net()
+    y = (X[:, 0] > 0).long()
+    anchor = net(X).detach()
+    cost = make_cost("cross_entropy", anchor, output="binary_logits", y=y)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        anchor[:, 0] + 0.5, y.float()) - torch.nn.functional.binary_cross_entropy_with_logits(
+        anchor[:, 0], y.float())
+    torch.testing.assert_close(cost(anchor + 0.5), expected, rtol=1e-5, atol=1e-7)

@@ -1,4 +1,4 @@
-"""Curvature at the anchor (volsk._curvature) against torch.func.hessian, on small networks."""
+"""Curvature at the anchor (volsk.preconditioners.curvature) against torch.func.hessian."""
 
 import copy
 
@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from models import quadratic_problem
-from volsk import _curvature as C
 from volsk._evaluate import FunctionalModel
 from volsk.costs import make_cost
 from volsk.preconditioners import DiagHessian, Fisher, HesScale, Hessian, PreconditionerContext
+from volsk.preconditioners.curvature.target import curvature_target
 
 
 def context(model, X, cost="kl", output="logits", y=None, attention_mask=None, mask=None):
@@ -20,13 +20,12 @@ def context(model, X, cost="kl", output="logits", y=None, attention_mask=None, m
     bound = make_cost(cost, ev.anchor_outputs(), output=output, y=y, mask=attention_mask)
     if mask is None:
         mask = torch.ones(ev.space.n, dtype=torch.bool)
-    return PreconditionerContext(ev, bound, mask, cost_name=cost, output=output, y=y,
-                                 user_module=model)
+    return PreconditionerContext(ev, bound, mask, user_module=model)
 
 
 def true_hessian(ctx):
     """torch.func.hessian of the cost on the active coordinates, in float64."""
-    target = C.curvature_target(ctx, torch.float64)
+    target = curvature_target(ctx, torch.float64)
     return torch.func.hessian(target.cost_of)(target.anchor)
 
 
@@ -134,7 +133,7 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian_and_used_above_max_exact():
 
 def test_float32_model_curvature_is_computed_in_float64():
     ctx = context(mlp(), X, "kl")
-    target = C.curvature_target(ctx)
+    target = curvature_target(ctx)
     assert target.evaluator.model_dtype == torch.float64
     assert ctx.evaluator.model_dtype == torch.float32  # the estimator's copy is untouched
     assert target.evaluator.module is not ctx.evaluator.module
@@ -253,7 +252,7 @@ def test_curvature_leaves_the_evaluator_copy_untouched():
 @pytest.mark.parametrize("name", ["diag_hessian", "hesscale", "hessian", "fisher"])
 @pytest.mark.parametrize("cost", ["kl", "cross_entropy"])
 def test_curvature_does_not_depend_on_data_batching(name, cost):
-    from volsk._engine import prepare_problem
+    from volsk._problem import prepare_problem
     from volsk.measures import Gaussian
     from volsk.preconditioners import resolve_preconditioner
 

@@ -140,7 +140,7 @@ def test_refit_resets_state_and_pickle_round_trip():
     np.testing.assert_array_equal(est.sample_log_volumes_, first[:3])
     clone = pickle.loads(pickle.dumps(est))
     assert clone.log_volume_ == est.log_volume_
-    assert "_problem" not in vars(clone)
+    assert "_evaluator" not in vars(clone)
 
 
 def test_partial_fit_equals_one_long_fit():
@@ -151,7 +151,7 @@ def test_partial_fit_equals_one_long_fit():
     np.testing.assert_array_equal(est.sample_log_volumes_, long.sample_log_volumes_)
     assert est.log_volume_ == long.log_volume_
     other, _ = small_mlp(seed=1)
-    with pytest.raises(ValueError, match="different model or different X"):
+    with pytest.raises(ValueError, match="different model, X or y"):
         est.partial_fit(other, X, n_samples=2)
 
 
@@ -305,7 +305,8 @@ def test_auto_eps_is_recorded_reused_by_partial_fit_and_score():
     net, X = small_mlp()
     est = LocalVolumeEstimator(sigma=0.5, n_samples=8, preconditioner="diag_hessian",
                                preconditioner_eps="auto", random_state=0).fit(net, X)
-    assert est.preconditioner_eps_ in (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    half_decades = -2 * np.log10(est.preconditioner_eps_)  # the search's lattice
+    assert half_decades == pytest.approx(round(half_decades), abs=1e-9)
     assert est.eps_pilot_["selected"].sum() == 1
     chosen = est.eps_pilot_.loc[est.eps_pilot_["selected"], "eps"].item()
     assert chosen == est.preconditioner_eps_
@@ -319,3 +320,117 @@ def test_auto_eps_is_recorded_reused_by_partial_fit_and_score():
     naive = LocalVolumeEstimator(sigma=0.5, n_samples=4, preconditioner_eps="auto",
                                  random_state=0).fit(net, X)
     assert naive.preconditioner_eps_ is None and naive.eps_pilot_ is not None
+
+
+# ------------------------------------------------------------- the question a fit answers
+
+
+def fitted_state(est):
+    """Every fitted attribute (trailing underscore), arrays and frames copied for comparison."""
+    out = {}
+    for k, v in vars(est).items():
+        if k.endswith("_") and not k.startswith("__"):
+            out[k] = v.copy() if hasattr(v, "copy") else v
+    return out
+
+
+def assert_fitted_state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k])
+        elif hasattr(a[k], "equals"):
+            assert a[k].equals(b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+class RaisingCost:
+    """A callable cost that raises ``exc`` on its ``after``-th call (inside the fit)."""
+
+    def __init__(self, exc, after):
+        self.exc, self.after, self.calls = exc, after, 0
+
+    def __call__(self, outputs, anchor):
+        self.calls += 1
+        if self.calls > self.after:
+            raise self.exc
+        return ((outputs - anchor) ** 2).mean()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), ValueError("cost failed")])
+def test_failed_fit_leaves_the_previous_fit_exactly_as_it_was(exc):
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=6, random_state=0).fit(net, X)
+    before = fitted_state(est)
+    est.set_params(cost=RaisingCost(exc, after=30), preconditioner_eps="auto",
+                   preconditioner="diag_hessian")
+    with pytest.raises(type(exc)):
+        est.fit(net, X)
+    est.set_params(cost="kl", preconditioner_eps=1e-3, preconditioner=None)
+    assert_fitted_state_equal(before, fitted_state(est))
+    assert est.score() == est.log_volume_
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), ValueError("cost failed")])
+def test_failed_fit_leaves_an_unfitted_estimator_unfitted(exc):
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=6, preconditioner="diag_hessian",
+                               preconditioner_eps="auto", cost=RaisingCost(exc, after=8),
+                               random_state=0)
+    with pytest.raises(type(exc)):
+        est.fit(net, X)
+    assert fitted_state(est) == {}
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+
+
+@pytest.mark.parametrize("change", [
+    {"cutoff": 2e-2}, {"sigma": 0.7}, {"measure": "uniform"}, {"bounds": 2.0},
+    {"cost": "mse"}, {"preconditioner": "diag_hessian"}, {"preconditioner_eps": 1e-2},
+    {"preconditioner_exponent": 0.25}, {"rtol": 1e-2}, {"output": "probabilities"},
+])
+def test_partial_fit_refuses_a_changed_question(change):
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=4, random_state=0).fit(net, X)
+    before = fitted_state(est)
+    est.set_params(**change)
+    with pytest.raises(ValueError, match=f"{next(iter(change))}.*changed since fit.*Call fit"):
+        est.partial_fit(net, X, n_samples=2)
+    assert_fitted_state_equal(before, fitted_state(est))
+
+
+def test_partial_fit_refuses_other_labels_and_allows_bookkeeping_parameters():
+    net, X = small_mlp()
+    y = torch.arange(X.shape[0]) % 3
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=4, cost="cross_entropy",
+                               random_state=0).fit(net, X, y)
+    with pytest.raises(ValueError, match="different model, X or y"):
+        est.partial_fit(net, X, (y + 1) % 3, n_samples=2)
+    # n_samples, n_jobs, verbose, batch_size do not change the question
+    est.set_params(n_samples=9, batch_size=3, n_jobs=1, verbose=0)
+    est.partial_fit(net, X, y, n_samples=2)
+    long = LocalVolumeEstimator(sigma=0.5, n_samples=6, cost="cross_entropy",
+                                random_state=0).fit(net, X, y)
+    np.testing.assert_array_equal(est.sample_log_volumes_, long.sample_log_volumes_)
+
+
+def test_one_dimensional_X_is_refused_with_its_shape():
+    net, _ = small_mlp()  # takes (N, 5)
+    with pytest.raises(ValueError, match=r"one output row per example.*reshape\(1, -1\)"):
+        LocalVolumeEstimator(sigma=0.5, n_samples=2).fit(net, torch.randn(5))
+
+
+def test_fitted_estimator_keeps_no_matrix_and_pickles_small():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=8, preconditioner="hessian",
+                               random_state=0).fit(net, X)
+    n = est.n_parameters_
+    for name, value in vars(est).items():
+        for obj in ([value] if not hasattr(value, "__dict__") else vars(value).values()):
+            if isinstance(obj, torch.Tensor):
+                assert obj.numel() < n * n, name  # nothing n × n is kept
+    assert len(pickle.dumps(est)) < 32_000

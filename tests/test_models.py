@@ -82,7 +82,7 @@ def test_cnn_with_batchnorm_and_dropout_is_evaluated_in_eval_mode_and_left_untou
     # evaluated as in eval mode: running statistics, no dropout
     reference = copy.deepcopy(cnn).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again._problem.evaluator.anchor_outputs(), reference(X))
+        torch.testing.assert_close(again._evaluator.anchor_outputs(), reference(X))
 
 
 class TupleOutput(torch.nn.Module):
@@ -207,7 +207,7 @@ def test_hf_estimate_end_to_end_in_eval_mode_with_the_model_untouched():
     reference = copy.deepcopy(model).eval()
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(est._problem.evaluator.anchor_outputs(), expected)
+    torch.testing.assert_close(est._evaluator.anchor_outputs(), expected)
 
 
 def test_hf_model_with_default_sdpa_attention():
@@ -221,10 +221,11 @@ def test_hf_model_with_default_sdpa_attention():
 def test_hf_sdpa_diag_hessian_equals_the_eager_one():
     # sdpa's mask checks branch on the data, so per-example Jacobians cannot be vmapped over
     # examples there: the curvature falls back to one example at a time, with the same result
-    from volsk._curvature import curvature_target, ggn_diagonal
-    from volsk._engine import prepare_problem
+    from volsk._problem import prepare_problem
     from volsk.measures import Gaussian
     from volsk.preconditioners import Identity, PreconditionerContext
+    from volsk.preconditioners.curvature.ggn import ggn_diagonal
+    from volsk.preconditioners.curvature.target import curvature_target
 
     ids, mask = token_batch()
     diagonals = []
@@ -234,8 +235,7 @@ def test_hf_sdpa_diag_hessian_equals_the_eager_one():
             cutoff=1e-2, rtol=1e-3, measure=Gaussian(sigma=0.05), preconditioner=Identity(),
             eps=1e-3, exponent=0.5, device="cpu", batch_size=None, n_directions=2,
             attention_mask=mask)
-        ctx = PreconditionerContext(problem.evaluator, problem.cost, problem.mask,
-                                    cost_name="kl", output="logits")
+        ctx = PreconditionerContext(problem.evaluator, problem.cost, problem.mask)
         diagonals.append(ggn_diagonal(curvature_target(ctx)))
     torch.testing.assert_close(diagonals[1], diagonals[0], rtol=1e-6, atol=1e-12)
     est = LocalVolumeEstimator(1e-2, sigma=0.05, n_samples=2, preconditioner="diag_hessian",

@@ -9,13 +9,16 @@ from torch import nn
 
 from models import log_ellipsoid_volume, rotated_quadratic_problem
 from volsk import LocalVolumeEstimator
-from volsk._engine import estimate_directions, prepare_problem
 from volsk._evaluate import FunctionalModel
+from volsk._pipeline import estimate_directions, select_eps
+from volsk._problem import prepare_problem
+from volsk._seeding import EPS_PILOT_STREAM, stream_seed
 from volsk.costs import make_cost
 from volsk.measures import Gaussian
 from volsk.preconditioners import (
     EPS_GRID,
     Adam,
+    BoundPreconditioner,
     DiagHessian,
     DiagonalMap,
     EigenMap,
@@ -23,9 +26,15 @@ from volsk.preconditioners import (
     Hessian,
     Identity,
     PreconditionerContext,
-    pilot_seed,
+    choose_eps,
     resolve_preconditioner,
-    select_eps,
+)
+from volsk.preconditioners.selection import (
+    EPS_EXTEND,
+    EPS_REFINE,
+    EPS_TIE_NATS,
+    PILOT_COLUMNS,
+    tie_break,
 )
 from volsk.results import aggregate_log_volume
 
@@ -248,6 +257,38 @@ def test_adam_through_the_estimator_and_a_skorch_net():
     assert torch.allclose(h, expected_moment(net.module_, net.optimizer_, 2))
 
 
+def test_adam_paper_eps_converts_by_the_bias_correction_to_the_same_map_and_directions():
+    # the paper's code: P ∝ 1/(sqrt(ν) + eps) on the raw exp_avg_sq ν (no bias correction);
+    # volsk's "adam" uses v̂ = ν / (1 − β₂ᵗ), so its eps is eps_paper / sqrt(1 − β₂ᵗ)
+    model = Reordered()
+    beta2, steps = 0.99, 5
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, beta2))
+    X = trained(model, optimizer, steps=steps)
+    nu = torch.cat([optimizer.state[p]["exp_avg_sq"].double().reshape(-1)
+                    for _, p in model.named_parameters()])
+    eps_paper = float(nu.sqrt().median())  # where the convention matters most
+    log_p = -torch.log(nu.sqrt() + eps_paper)
+    paper = log_p - log_p.mean()  # the paper's diag_preconditioner, det P = 1
+    eps_volsk = eps_paper / math.sqrt(1 - beta2**steps)
+    v_hat = Adam().curvature(adam_ctx(model, X, optimizer))
+    torch.testing.assert_close(DiagonalMap.from_curvature(v_hat, eps_volsk, 0.5).log_p, paper,
+                               rtol=0, atol=1e-12)
+    assert not torch.allclose(DiagonalMap.from_curvature(v_hat, eps_paper, 0.5).log_p, paper,
+                              atol=1e-3)  # the same eps is another map
+    # the same directions through the estimator: "adam" at the converted eps, and the raw ν
+    # as an array at the paper's eps
+    kw = dict(sigma=1.0, n_samples=6, random_state=0)
+    by_adam = LocalVolumeEstimator(preconditioner="adam", preconditioner_eps=eps_volsk,
+                                   **kw).fit(model, X, optimizer=optimizer)
+    by_array = LocalVolumeEstimator(preconditioner=nu.numpy(), preconditioner_eps=eps_paper,
+                                    **kw).fit(model, X)
+    np.testing.assert_allclose(by_adam.samples_["log_weight"], by_array.samples_["log_weight"],
+                               rtol=1e-9)
+    np.testing.assert_allclose(by_adam.radii_, by_array.radii_, rtol=1e-9)
+    np.testing.assert_allclose(by_adam.sample_log_volumes_, by_array.sample_log_volumes_,
+                               rtol=1e-9)
+
+
 # ------------------------------------------------------------------------------- eps pilot
 
 
@@ -267,11 +308,14 @@ def test_select_eps_is_reproducible_and_rebinds_the_chosen_eps():
     second = select_eps(problem, n_directions=12, random_state=7)
     assert first.eps == second.eps
     assert first.table.equals(second.table)
-    assert list(first.table["eps"]) == list(EPS_GRID)
+    coarse = first.table.loc[first.table["stage"] == "coarse", "eps"].tolist()
+    assert set(EPS_GRID) <= set(coarse)
+    assert first.table["eps"].is_monotonic_decreasing
+    assert (first.table["directions"] == 12).all()
     assert int(first.table["selected"].sum()) == 1
     chosen = first.table.loc[first.table["selected"]].iloc[0]
     assert chosen["eps"] == first.eps
-    assert chosen["log_volume"] == first.table["log_volume"].max()
+    assert chosen["log_volume"] >= first.table["log_volume"].max() - EPS_TIE_NATS
     assert first.problem.preconditioner.eps == first.eps
     assert problem.preconditioner.eps == EPS_GRID[0]  # the input problem is not modified
 
@@ -279,20 +323,153 @@ def test_select_eps_is_reproducible_and_rebinds_the_chosen_eps():
 def test_select_eps_pilot_directions_are_not_the_estimate_directions():
     # choosing eps on the estimate's own directions would bias the estimate upwards
     problem = small_problem(DiagHessian())
-    pilot = select_eps(problem, grid=(1e-2,), n_directions=6, random_state=0)
+    pilot = select_eps(problem, grid=(1e-2,), n_directions=6, random_state=0, refine=())
     main = estimate_directions(pilot.problem, range(6), 0)
-    assert pilot_seed(0) != 0
-    assert pilot.table["log_volume"].iloc[0] != aggregate_log_volume(main["log_volume"])
+    assert stream_seed(0, EPS_PILOT_STREAM) != 0
+    assert len(pilot.table) == 1
+    assert pilot.table["log_volume"].iloc[0] != aggregate_log_volume(main.log_volume)
 
 
 def test_select_eps_naive_runs_no_pilot_and_bad_grids_raise():
     result = select_eps(small_problem(Identity()))
     assert result.eps is None and result.table.empty
+    assert list(result.table.columns) == list(PILOT_COLUMNS)
     with pytest.raises(ValueError, match="grid"):
         select_eps(small_problem(DiagHessian()), grid=(-1.0,))
 
 
-def test_auto_eps_on_digits_never_falls_below_naive():
+class FixedMap(BoundPreconditioner):
+    """A custom bound map (a fixed diagonal) without ``with_eps``."""
+
+    def __init__(self, n):
+        self.n = n
+        self.scale = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+        self.scale /= self.scale.log().mean().exp()  # det P = 1
+
+    def apply(self, G):
+        return G * self.scale.to(G)
+
+
+class FixedPreconditioner:
+    def bind(self, ctx):
+        return FixedMap(ctx.n)
+
+
+def test_auto_eps_uses_a_map_without_with_eps_as_bound():
+    # "auto" is the default: a custom preconditioner that ignores eps must still fit
+    est = LocalVolumeEstimator(sigma=1.0, n_samples=4, preconditioner=FixedPreconditioner(),
+                               random_state=0).fit(nn.Linear(3, 2), torch.randn(8, 3))
+    assert est.preconditioner_eps_ is None and est.eps_pilot_.empty
+    assert np.isfinite(est.log_volume_)
+
+
+def pilot_returning(log_volumes_by_eps):
+    """A run_pilot whose every direction has the log-volume given for its eps."""
+    calls = []
+
+    def run_pilot(eps):
+        calls.append(eps)
+        return np.full(3, log_volumes_by_eps[eps]), np.array([2, 3, 4])
+
+    return run_pilot, calls
+
+
+def peaked_pilot(log10_peak, nats_per_decade=100.0):
+    """A run_pilot whose log-volume falls linearly in |log10 eps − log10_peak|."""
+    calls = []
+
+    def run_pilot(eps):
+        calls.append(eps)
+        return np.full(4, -nats_per_decade * abs(math.log10(eps) - log10_peak)), np.full(4, 3)
+
+    return run_pilot, calls
+
+
+def test_choose_eps_picks_the_largest_pilot_log_volume_and_tabulates_every_eps():
+    run_pilot, calls = pilot_returning({1.0: -5.0, 0.1: -1.0, 0.01: -13.0})
+    eps, table, index = choose_eps([1.0, 0.1, 0.01], run_pilot, refine=(), tie=0.0)
+    assert (eps, index) == (0.1, 1)
+    assert calls == [1.0, 0.1, 0.01]  # one pilot per eps, in grid order
+    assert list(table.columns) == ["eps", "stage", "log_volume", "max_sample",
+                                   "median_sample", "ess", "evaluations_per_direction",
+                                   "directions", "selected"]
+    assert table["selected"].tolist() == [False, True, False]
+    assert table["evaluations_per_direction"].tolist() == [3.0, 3.0, 3.0]
+    assert table["directions"].tolist() == [3, 3, 3]
+    np.testing.assert_allclose(table["log_volume"], [-5.0, -1.0, -13.0])
+
+
+def test_choose_eps_ties_go_to_the_larger_eps_and_nan_never_wins():
+    run_pilot, _ = pilot_returning({1.0: np.nan, 0.1: -2.0, 0.01: -2.0})
+    eps, table, index = choose_eps((1.0, 0.1, 0.01), run_pilot, refine=(), extend=0)
+    assert (eps, index) == (0.1, 1)
+    assert int(table["selected"].sum()) == 1
+
+
+@pytest.mark.parametrize("log10_peak", [-1.5, -2.5, -3.0, -4.0, -4.5])
+def test_choose_eps_searches_the_coarse_grid_then_half_decades_around_its_winner(log10_peak):
+    run_pilot, calls = peaked_pilot(log10_peak)
+    eps, table, _ = choose_eps(EPS_GRID, run_pilot)
+    assert math.log10(eps) == pytest.approx(log10_peak)
+    assert calls[:4] == list(EPS_GRID)  # coarse first, in grid order
+    coarse = table.loc[table["stage"] == "coarse"]
+    coarse_winner = coarse["eps"].iloc[tie_break(coarse["eps"], coarse["log_volume"])]
+    fine = sorted(calls[4:], reverse=True)
+    np.testing.assert_allclose(np.log10(fine),
+                               math.log10(coarse_winner) + np.array([1, 0.5, -0.5, -1]))
+    assert len(calls) == 8 and table["stage"].value_counts().to_dict() == {"coarse": 4,
+                                                                           "fine": 4}
+
+
+def test_choose_eps_prefers_the_largest_eps_within_the_tie_threshold():
+    # below the tie threshold a larger eps wins, above it the better pilot does
+    lead = EPS_TIE_NATS
+    steep = {1.0: -100.0, 1e-2: -100.0 + 2.0 * lead, 1e-4: -100.0 + 2.5 * lead}
+    run_pilot, _ = pilot_returning(steep)
+    assert choose_eps(tuple(steep), run_pilot, refine=(), extend=0)[0] == 1e-2
+    run_pilot, _ = pilot_returning(steep)
+    assert choose_eps(tuple(steep), run_pilot, refine=(), extend=0, tie=0.0)[0] == 1e-4
+    flat = {1.0: -100.0, 1e-2: -100.0 + 0.5 * lead, 1e-4: -100.0 + 0.9 * lead}
+    run_pilot, _ = pilot_returning(flat)
+    assert choose_eps(tuple(flat), run_pilot, refine=(), extend=0)[0] == 1.0
+    run_pilot, _ = pilot_returning(flat)
+    assert choose_eps(tuple(flat), run_pilot, refine=(), extend=0, tie=0.0)[0] == 1e-4
+
+
+def test_tie_threshold_is_the_markov_union_bound_for_eight_pilots_at_95_percent():
+    # P(max of 8 log-estimates − log µ ≥ t) ≤ 8 e^{−t} (Markov and a union bound)
+    assert 8 * math.exp(-EPS_TIE_NATS) == pytest.approx(0.05)
+    assert tie_break([1.0, 0.1], [-10.0, -10.0 + 0.99 * EPS_TIE_NATS]) == 0
+    assert tie_break([1.0, 0.1], [-10.0, -10.0 + 1.01 * EPS_TIE_NATS]) == 1
+    assert tie_break([1.0, 0.1], [-np.inf, -np.inf]) == 0
+    assert tie_break([1.0, 0.1, 0.01], [1.0, np.inf, np.inf]) == 1
+
+
+@pytest.mark.parametrize("log10_peak", [3.0, -9.0])
+def test_choose_eps_extends_past_an_end_of_the_grid_that_keeps_winning(log10_peak):
+    run_pilot, calls = peaked_pilot(log10_peak)
+    eps, table, _ = choose_eps(EPS_GRID, run_pilot)
+    assert math.log10(eps) == pytest.approx(log10_peak)
+    assert "extend" in set(table["stage"])
+
+
+def test_choose_eps_extension_is_bounded():
+    run_pilot, calls = peaked_pilot(30.0)
+    eps, table, _ = choose_eps(EPS_GRID, run_pilot)
+    assert (table["stage"] == "extend").sum() == EPS_EXTEND
+    assert math.log10(eps) == pytest.approx(2 * EPS_EXTEND + 1)  # the last step, refined up
+    assert len(calls) == len(EPS_GRID) + EPS_EXTEND + len(EPS_REFINE)
+
+
+@pytest.mark.parametrize("grid", [(), (-1.0,), (np.inf,), (1.0, np.nan)])
+def test_choose_eps_rejects_a_bad_grid_before_any_pilot(grid):
+    run_pilot, calls = pilot_returning({})
+    with pytest.raises(ValueError, match="grid must be a non-empty sequence"):
+        choose_eps(grid, run_pilot)
+    assert calls == []
+
+
+def test_auto_eps_on_digits_never_falls_below_naive_and_is_stable_across_seeds():
     from volsk.experiments.digits import prior_sigma, train_digits_mlp
 
     run = train_digits_mlp()
@@ -301,10 +478,15 @@ def test_auto_eps_on_digits_never_falls_below_naive():
         run.model, run.splits.X_test, cost="kl", output="logits", cutoff=1e-2, rtol=1e-3,
         measure=Gaussian(sigma=prior_sigma()), preconditioner=DiagHessian(), eps=EPS_GRID[0],
         exponent=0.5, device="cpu", batch_size=None, n_directions=k, random_state=0)
-    chosen = select_eps(problem, n_directions=16, random_state=0)
-    auto = estimate_directions(chosen.problem, range(k), 0)["log_volume"]
+    chosen = [select_eps(problem, random_state=seed) for seed in range(4)]
+    auto = estimate_directions(chosen[0].problem, range(k), 0).log_volume
     naive = LocalVolumeEstimator(1e-2, "gaussian", sigma=prior_sigma(), n_samples=k,
                                  random_state=0).fit(run.model, run.splits.X_test)
     log_auto = float(np.logaddexp.reduce(auto) - math.log(k))
-    assert chosen.eps in EPS_GRID
     assert log_auto >= naive.log_volume_
+    # every choice is on the half-decade lattice, and the seeds agree to one half-decade step
+    half_decades = np.array([-2 * math.log10(c.eps) for c in chosen])
+    np.testing.assert_allclose(half_decades, np.round(half_decades), atol=1e-9)
+    assert np.ptp(half_decades) <= 1 + 1e-9
+    # the pilot's cost: 8 directions at each of 8 eps
+    assert all(c.table["directions"].sum() == 64 for c in chosen)

@@ -175,3 +175,162 @@ def test_hugging_face_model_uses_its_own_init_even_when_marked_loaded():
     assert torch.equal(prior.mean["gpt_neox.final_layer_norm.weight"],
                        torch.ones(16, dtype=torch.float64))
     assert prior.floor == pytest.approx(0.05, rel=0.02)
+
+
+# ------------------------------------------------------------------ thread safety, RNG state
+
+
+def _thread_models():
+    torch.manual_seed(5)
+    return [
+        torch.nn.Linear(3, 2),
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)),
+        LinearNorm(),
+        torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(6, 2)),
+    ]
+
+
+def _in_threads(fn, items):
+    """fn(item) for every item, each in its own thread, all started together."""
+    import threading
+
+    results = [None] * len(items)
+    errors = []
+    barrier = threading.Barrier(len(items))
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = fn(items[i])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _prior_values(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InitPriorWarning)
+        prior = init_prior(model, "gaussian", min_values=5000)
+    return prior.spread, {k: v.clone() for k, v in prior.mean.items()}
+
+
+def test_init_priors_computed_in_threads_equal_sequential_ones():
+    # the re-initialisations draw from torch's random functions: in threads sharing one global
+    # generator they would interleave their draws and every prior would come out wrong
+    models = _thread_models()
+    sequential = [_prior_values(m) for m in models]
+    for _ in range(2):
+        concurrent = _in_threads(_prior_values, models)
+        for (spread, mean), (ref_spread, ref_mean) in zip(concurrent, sequential):
+            assert spread == ref_spread
+            assert mean.keys() == ref_mean.keys()
+            for k in mean:
+                assert torch.equal(mean[k], ref_mean[k]), k
+    assert _prior_values(models[1])[0] == sequential[1][0]  # and again, after the threads
+
+
+def test_fits_with_init_priors_in_threads_equal_sequential_fits():
+    torch.manual_seed(0)
+    X = torch.randn(24, 4)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, h), torch.nn.Tanh(), torch.nn.Linear(h, 3))
+              for h in (5, 7, 9)]
+
+    def fit(args):
+        model, measure = args
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InitPriorWarning)
+            est = LocalVolumeEstimator(measure=measure, sigma="init", n_samples=6,
+                                       random_state=0)
+            return est.fit(model, X).sample_log_volumes_
+
+    jobs = [(m, measure) for m in models for measure in ("gaussian", "uniform")]
+    sequential = [fit(job) for job in jobs]
+    concurrent = _in_threads(fit, jobs)
+    for got, ref in zip(concurrent, sequential):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_sweep_with_init_priors_under_the_threading_backend_equals_a_sequential_sweep():
+    import joblib
+
+    import volsk
+
+    torch.manual_seed(0)
+    X = torch.randn(24, 4)
+    models = {h: torch.nn.Sequential(torch.nn.Linear(4, h), torch.nn.Tanh(),
+                                     torch.nn.Linear(h, 3)) for h in (5, 7, 9)}
+    grid = {"measure": ["gaussian", "uniform"], "sigma": ["init"], "n_samples": [6]}
+    sequential = volsk.sweep(models, X, grid, n_jobs=1)
+    with joblib.parallel_config(backend="threading"):
+        threaded = volsk.sweep(models, X, grid, n_jobs=6)
+    assert len(threaded) == 6
+    np.testing.assert_array_equal(threaded["log_volume"], sequential["log_volume"])
+
+
+def test_init_priors_neither_read_nor_write_the_global_generators():
+    # a thread drawing from torch's global generator while priors are computed elsewhere gets
+    # the numbers it would get alone, and the caller's generator states are as they were
+    torch.manual_seed(123)
+    expected = torch.rand(3000)
+    models = _thread_models()
+    np.random.seed(7)  # noqa: NPY002 - the global state is what is checked
+    np_state = np.random.get_state()  # noqa: NPY002
+
+    def work(i):
+        if i == 0:
+            torch.manual_seed(123)
+            return torch.cat([torch.rand(1) for _ in range(3000)])
+        return _prior_values(models[i - 1])
+
+    results = _in_threads(work, list(range(len(models) + 1)))
+    assert torch.equal(results[0], expected)
+    rng = torch.get_rng_state()
+    _prior_values(models[0])
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = np.random.get_state()  # noqa: NPY002
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1])
+    assert after[2:] == np_state[2:]
+
+
+def test_fit_with_sigma_init_leaves_global_rng_states_as_they_were():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    X = torch.randn(10, 3)
+    torch.manual_seed(11)
+    np.random.seed(11)  # noqa: NPY002 - the global state is what is checked
+    rng, np_state = torch.get_rng_state(), np.random.get_state()  # noqa: NPY002
+    first = LocalVolumeEstimator(sigma="init", n_samples=4, random_state=0).fit(net, X)
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = np.random.get_state()  # noqa: NPY002
+    assert np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    second = LocalVolumeEstimator(sigma="init", n_samples=4, random_state=0).fit(net, X)
+    np.testing.assert_array_equal(first.sample_log_volumes_, second.sample_log_volumes_)
+
+
+def test_init_prior_draws_through_random_functions_without_a_generator_argument():
+    # torch.randn/randperm without generator= resolve to kernels that take none: their draws
+    # are routed through the prior's own stream as well
+    class Permuted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(40))
+            self.reset_parameters()
+
+        def reset_parameters(self):
+            with torch.no_grad():
+                self.weight.copy_(torch.randn(40)[torch.randperm(40)] * 0.3)
+
+    models = [Permuted() for _ in range(4)]  # constructing draws from the global generator
+    rng = torch.get_rng_state()
+    first = init_prior(models[0], "gaussian")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert first.spread["weight"] == pytest.approx(0.3, rel=0.02)
+    results = _in_threads(lambda m: init_prior(m, "gaussian").spread, models[1:])
+    assert all(r == first.spread for r in results)

@@ -1,4 +1,4 @@
-"""The radius search (volsk._radius) and its search pilot (volsk._engine.calibrate_search)."""
+"""The radius search (volsk._radius) and its search pilot (volsk._pipeline.calibrate_search)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 
 from models import quadratic_problem, small_mlp
 from volsk import LocalVolumeEstimator
-from volsk._engine import TAYLOR_START, calibrate_search, estimate_directions
+from volsk._pipeline import TAYLOR_START, calibrate_search, estimate_directions, prepare
 from volsk._radius import _bent_secant, _one_point_step, find_radii
 
 CUT = 0.5
@@ -111,6 +111,13 @@ def test_decreasing_then_increasing_cost_from_a_pilot_start():
     assert (-0.2 * grid + 0.1 * grid**3 < CUT).all()  # the first crossing
 
 
+def problem_of(est, model, X):
+    """The problem a fitted estimator solved (same settings, eps and seed)."""
+    eps = est.preconditioner_eps if est.preconditioner_eps_ is None else est.preconditioner_eps_
+    return prepare(model, X, None, est._settings(), eps=eps, n_directions=est.n_samples,
+                   seed=est.seed_)
+
+
 def _isotropic_estimator(rtol=1e-6, **kw):
     model, X = quadratic_problem(np.full(6, 2.0))
     est = LocalVolumeEstimator(0.1, "lebesgue", cost="mse", n_samples=20, rtol=rtol,
@@ -119,9 +126,9 @@ def _isotropic_estimator(rtol=1e-6, **kw):
 
 
 def test_pilot_of_an_isotropic_quadratic():
-    est, _, _ = _isotropic_estimator()
+    est, model, X = _isotropic_estimator()
     # C(r) = 2 r² on every ray: R = sqrt(0.05), log–log slope 2, no bend
-    start = calibrate_search(est._problem, est.seed_)
+    start = calibrate_search(problem_of(est, model, X), est.seed_)
     assert start.radius == pytest.approx(math.sqrt(0.05), rel=1e-6)
     assert start.slope == pytest.approx(2.0, abs=1e-6)
     assert start.bend == pytest.approx(0.0, abs=1e-4)
@@ -139,11 +146,12 @@ def test_pilot_start_and_taylor_start_find_the_same_radii(preconditioner):
     est = LocalVolumeEstimator(sigma=0.5, n_samples=40, rtol=1e-8, random_state=3,
                                preconditioner=preconditioner, preconditioner_eps=1e-2)
     est.fit(net, X)
-    taylor = estimate_directions(est._problem, range(40), est.seed_, start=TAYLOR_START)
-    pilot = estimate_directions(est._problem, range(40), est.seed_)
-    np.testing.assert_allclose(pilot["radius"], est.radii_, rtol=0, atol=0)
+    problem = problem_of(est, net, X)
+    taylor = estimate_directions(problem, range(40), est.seed_, start=TAYLOR_START)
+    pilot = estimate_directions(problem, range(40), est.seed_)
+    np.testing.assert_allclose(pilot.radius, est.radii_, rtol=0, atol=0)
     # both meet |C − ε| ≤ rtol·ε on a cost rising steeply through ε: the radii agree closely
-    np.testing.assert_allclose(pilot["radius"], taylor["radius"], rtol=1e-7)
+    np.testing.assert_allclose(pilot.radius, taylor.radius, rtol=1e-7)
 
 
 @pytest.mark.parametrize("preconditioner", [None, "diag_hessian"])
@@ -153,18 +161,20 @@ def test_pilot_start_takes_no_more_evaluations_than_taylor_start(preconditioner)
     est = LocalVolumeEstimator(sigma=0.5, n_samples=200, rtol=1e-3, random_state=3,
                                preconditioner=preconditioner, preconditioner_eps=1e-2)
     est.fit(net, X)
-    taylor = estimate_directions(est._problem, range(200), est.seed_, start=TAYLOR_START)
-    assert est.samples_["evaluations"].mean() <= taylor["evaluations"].mean()
+    taylor = estimate_directions(problem_of(est, net, X), range(200), est.seed_,
+                                 start=TAYLOR_START)
+    assert est.samples_["evaluations"].mean() <= taylor.evaluations.mean()
 
 
 def test_pilot_does_not_depend_on_the_directions_drawn():
     net, X = small_mlp()
     est = LocalVolumeEstimator(sigma=0.5, n_samples=10, random_state=1).fit(net, X)
-    a = calibrate_search(est._problem, est.seed_)
+    problem = problem_of(est, net, X)
+    a = calibrate_search(problem, est.seed_)
     # a fit with more directions and another batch size starts from the same pilot
     big = LocalVolumeEstimator(sigma=0.5, n_samples=30, batch_size=7, random_state=1)
     big.fit(net, X)
-    assert calibrate_search(big._problem, big.seed_) == a
+    assert calibrate_search(problem_of(big, net, X), big.seed_) == a
     np.testing.assert_array_equal(big.sample_log_volumes_[:10], est.sample_log_volumes_)
     # another seed: another pilot stream
-    assert calibrate_search(est._problem, est.seed_ + 1) != a
+    assert calibrate_search(problem, est.seed_ + 1) != a

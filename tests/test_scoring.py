@@ -13,7 +13,7 @@ from skorch import NeuralNetClassifier
 
 import volsk
 from volsk import LocalVolumeEstimator
-from volsk.scoring import VolumeScorer, make_volume_scorer
+from volsk.integrations import VolumeScorer, make_volume_scorer
 
 
 class SeededMLP(torch.nn.Module):

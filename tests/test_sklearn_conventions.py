@@ -231,14 +231,20 @@ def test_no_state_leaks_between_fits_on_different_models_and_data():
     assert est.score(X_b) == pytest.approx(est.log_volume_, abs=1e-9)
 
 
-def test_failed_refit_leaves_no_stale_results():
+def test_failed_refit_keeps_the_previous_fit():
+    # a fit that raises leaves the estimator as it was: the previous fit, whole
     net, X = small_mlp()
     est = make().fit(net, X)
+    before = results(est)
     with pytest.raises(ValueError, match="X"):
         est.fit(net, torch.full((4, 5), float("nan")))
-    assert not hasattr(est, "log_volume_")
+    assert_same_results(results(est), before)
+    assert est.score() == est.log_volume_
+    unfitted = make()
+    with pytest.raises(ValueError, match="X"):
+        unfitted.fit(net, torch.full((4, 5), float("nan")))
     with pytest.raises(NotFittedError):
-        est.score()
+        unfitted.score()
 
 
 def test_refit_with_other_params_equals_a_fresh_fit():
@@ -317,13 +323,13 @@ def test_partial_fit_with_another_model_or_other_data_raises():
     net, X = small_mlp()
     est = make().fit(net, X)
     other, _ = small_mlp(seed=1)
-    with pytest.raises(ValueError, match="different model or different X"):
+    with pytest.raises(ValueError, match="different model, X or y"):
         est.partial_fit(other, X, n_samples=2)
-    with pytest.raises(ValueError, match="different model or different X"):
+    with pytest.raises(ValueError, match="different model, X or y"):
         est.partial_fit(net, X[:-1], n_samples=2)
     X_moved = X.clone()
     X_moved[0, 0] += 1.0
-    with pytest.raises(ValueError, match="different model or different X"):
+    with pytest.raises(ValueError, match="different model, X or y"):
         est.partial_fit(net, X_moved, n_samples=2)
     assert est.sample_log_volumes_.shape == (8,)  # refused extensions leave the estimate alone
     with pytest.raises(ValueError, match="n_samples"):

@@ -16,8 +16,8 @@ from skorch.dataset import Dataset, ValidSplit
 from skorch.helper import predefined_split
 
 from volsk import LocalVolumeEstimator
-from volsk.preconditioners import _BY_NAME
-from volsk.skorch import LocalVolume, dataset_inputs, resolve_model
+from volsk._inputs import resolve_model
+from volsk.skorch import LocalVolume, dataset_inputs
 
 EST = {"sigma": 1.0, "n_samples": 10, "random_state": 0}
 
@@ -104,7 +104,6 @@ def test_nll_net_ending_in_softmax_equals_cross_entropy_net_on_logits():
     assert abs(misread - on_logits) > 1.0
 
 
-@pytest.mark.skipif("adam" not in _BY_NAME, reason='the "adam" preconditioner is not built yet')
 def test_adam_preconditioner_reads_the_nets_optimizer():
     X, y = data()
     net = make_net(optimizer=torch.optim.Adam, lr=0.01).fit(X, y)
@@ -168,6 +167,17 @@ def test_callback_does_not_change_training(random_state):
     assert all(np.isfinite(row["log_volume"]) for row in watched.history)
     _assert_same_training(plain, watched, ignore=("log_volume", "log_volume_lower_bound"))
     assert after_plain == after_watched  # numpy's global stream continues where it would
+
+
+def test_callback_seed_for_random_state_none_comes_from_numpys_global_state_untouched():
+    np.random.seed(7)  # noqa: NPY002 - the global state is what None means, as in scikit-learn
+    before = np.random.get_state()  # noqa: NPY002
+    cb = LocalVolume(random_state=None).initialize()
+    assert cb.seed_ == np.random.RandomState(7).randint(np.iinfo(np.int32).max)
+    after = np.random.get_state()  # noqa: NPY002
+    assert after[1].tolist() == before[1].tolist() and after[2:] == before[2:]
+    assert LocalVolume(random_state=np.random.RandomState(7)).initialize().seed_ == cb.seed_
+    assert LocalVolume(random_state=3).initialize().seed_ == 3
 
 
 def test_training_comparison_detects_a_callback_that_draws_global_random_numbers():

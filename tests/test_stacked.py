@@ -132,13 +132,13 @@ def test_fits_with_and_without_the_fast_path_agree():
     est = LocalVolumeEstimator(sigma=0.5, n_samples=12, data_batch_size=16, rtol=rtol,
                                random_state=0)
     est.fit(net, X)
-    assert est._problem.evaluator.stacked is not None
+    assert est._evaluator.stacked is not None
     off = LocalVolumeEstimator(sigma=0.5, n_samples=12, data_batch_size=16, rtol=rtol,
                                random_state=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stacked_module.StackedMLP, "of", classmethod(lambda cls, *a: None))
         off.fit(net, X)
-    assert off._problem.evaluator.stacked is None
+    assert off._evaluator.stacked is None
     # both searches stop within rtol of the cutoff, so radii agree to ~rtol and each sample's
     # log-volume (a radial integral over n dimensions) to ~n·rtol
     np.testing.assert_allclose(est.radii_, off.radii_, rtol=2 * rtol)
@@ -151,9 +151,9 @@ class Scaled(nn.Linear):
         return 2.0 * super().forward(x)
 
 
-def _hooked():
+def _weight_normed():
     net = ELIGIBLE["linear-gelu-linear"]()
-    net[0].register_forward_hook(lambda m, i, o: o * 0.5)
+    nn.utils.parametrizations.weight_norm(net[0])  # net[0] becomes a subclass of Linear
     return net
 
 
@@ -165,7 +165,7 @@ def _frozen():
 
 INELIGIBLE = {
     "subclass of Linear": lambda: mlp(Scaled(6, 8), nn.GELU(), nn.Linear(8, 3)),
-    "forward hook": _hooked,
+    "weight norm (a parametrized Linear)": _weight_normed,
     "frozen parameter": _frozen,
     "batch norm (buffers)": lambda: mlp(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)),
     "softmax (not pointwise)": lambda: mlp(nn.Linear(6, 8), nn.Softmax(-1), nn.Linear(8, 3)),
@@ -192,6 +192,28 @@ def test_other_modules_take_the_general_path(name):
             out = torch.func.functional_call(net_copy, ev.space.unflatten(row), (ev.X,))
             expected.append(float(cost(out)))
     np.testing.assert_allclose(ev.costs(cost, thetas).numpy(), expected, rtol=1e-5)
+
+
+def test_a_hooked_mlp_takes_the_fast_path_with_the_numbers_of_the_mlp_without_hooks():
+    # no hook runs on volsk's private copy (they would see batched tensors): a hook that
+    # changes a layer's output is not part of what is measured, and a warning says so
+    net = ELIGIBLE["linear-gelu-linear"]()
+    plain = copy.deepcopy(net)
+    calls = []
+    net[0].register_forward_hook(lambda m, i, o: calls.append(o) or o * 0.5)
+    X = torch.randn(30, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"forward hooks.*on 0\)"):
+        ev = FunctionalModel(net, X, "cpu")
+    assert ev.stacked is not None
+    ref = FunctionalModel(plain, X, "cpu")
+    cost = make_cost("mse", ref.anchor_outputs())
+    thetas = ev.theta + 0.1 * torch.randn(5, ev.theta.numel(), dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ev.costs(cost, thetas), ref.costs(cost, thetas))
+    assert torch.equal(ev.anchor_outputs(), ref.anchor_outputs())
+    assert calls == []
+    net(X)
+    assert len(calls) == 1  # the user's model keeps its hook
 
 
 def test_sequence_inputs_take_the_general_path():
@@ -257,8 +279,8 @@ def test_half_precision_mlps_resolve_their_crossings(dtype):
     X = torch.randn(200, 6, generator=torch.Generator().manual_seed(1)).to(dtype)
     est = LocalVolumeEstimator(1e-2, sigma=0.5, n_samples=20, rtol=1e-2, random_state=0)
     est.fit(net, X)
-    assert est._problem.evaluator.stacked is not None
-    assert est._problem.evaluator.ray_dtype == torch.float32
+    assert est._evaluator.stacked is not None
+    assert est._evaluator.ray_dtype == torch.float32
     assert np.isfinite(est.log_volume_)
     samples = est.samples_
     assert (samples["status"] == "crossed").all()
@@ -274,7 +296,7 @@ def test_fits_of_a_tail_prone_mlp_do_not_depend_on_batch_size():
     X = torch.randn(30, 6, generator=torch.Generator().manual_seed(1))
     fits = [LocalVolumeEstimator(sigma=0.5, n_samples=13, rtol=1e-6, batch_size=bs,
                                  random_state=0).fit(net, X) for bs in (1, 2, 5, 7, None)]
-    assert fits[0]._problem.evaluator.stacked is not None
+    assert fits[0]._evaluator.stacked is not None
     for other in fits[1:]:
         np.testing.assert_array_equal(other.sample_log_volumes_, fits[0].sample_log_volumes_)
         np.testing.assert_array_equal(other.radii_, fits[0].radii_)
@@ -299,10 +321,10 @@ def test_inplace_activations_leave_X_and_the_model_alone(wrap):
     X = torch.randn(30, 6, generator=torch.Generator().manual_seed(1))
     before = X.clone()
     est = LocalVolumeEstimator(sigma=0.5, n_samples=8, random_state=0).fit(model, X)
-    assert (est._problem.evaluator.stacked is None) == wrap
+    assert (est._evaluator.stacked is None) == wrap
     assert torch.equal(X, before)
     assert net[0].inplace and net[2].inplace  # the user's modules keep their flags
-    ev = est._problem.evaluator
+    ev = est._evaluator
     with torch.no_grad():
         own = net(before.clone())
         torch.testing.assert_close(ev.anchor_outputs(), own)

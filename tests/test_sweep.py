@@ -1,4 +1,4 @@
-"""volsk.sweep: many models × many settings → one tidy table, the same under every backend."""
+"""volsk.sweeps: many models × many settings → one tidy table, the same under every backend."""
 
 import json
 
@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.model_selection import ParameterGrid
 
+import volsk
 from volsk import LocalVolumeEstimator
-from volsk.sweep import Checkpoint, effective_dimension, sweep
+from volsk.sweeps import Checkpoint, effective_dimension, sweep
 
 N_PARAMETERS = 4 * 8 + 8 + 8 * 3 + 3
 
@@ -123,6 +125,20 @@ def test_paired_differences_between_close_checkpoints_have_lower_spread(problem)
     assert np.std(differences[True]) < 0.5 * np.std(differences[False])
 
 
+def test_random_state_none_draws_the_base_seed_from_numpys_global_state(problem):
+    models, X, base, _grid = problem
+    np.random.seed(5)  # noqa: NPY002 - the global state is what None means, as in scikit-learn
+    paired = sweep(models, X, estimator=base, random_state=None)
+    expected = np.random.RandomState(5).randint(np.iinfo(np.int32).max)
+    assert paired["seed"].tolist() == [expected, expected]
+    np.random.seed(5)  # noqa: NPY002
+    unpaired = sweep(models, X, estimator=base, random_state=None, paired=False)
+    seeded = sweep(models, X, estimator=base, random_state=np.random.RandomState(5),
+                   paired=False)
+    assert unpaired["seed"].tolist() == seeded["seed"].tolist()
+    assert unpaired["seed"].nunique() == 2
+
+
 def test_random_state_in_the_grid_sets_the_seeds(problem):
     models, X, base, _grid = problem
     frame = sweep(models, X, {"random_state": [4, 5]}, estimator=base)
@@ -153,7 +169,7 @@ def test_factories_and_checkpoints_give_the_same_rows_as_modules(reference, prob
         "b": lambda: nudged(make_net(0), 0.05),
     }
     assert_same_table(frame, sweep(sources, X, grid, estimator=base))
-    keyed = sweep({"b": sweep.Checkpoint(tmp_path / "b.pt", make_net, key="model")}, X, grid,
+    keyed = sweep({"b": volsk.Checkpoint(tmp_path / "b.pt", make_net, key="model")}, X, grid,
                   estimator=base)
     assert_same_table(frame.iloc[4:].reset_index(drop=True), keyed)
 
@@ -239,6 +255,76 @@ def test_cache_misses_when_parameters_data_or_weights_change(problem, tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 5
 
 
+def _cached_files(cache_dir, models, X, base, grid):
+    """The cache file of every row of ``sweep(models, X, grid)``, in table order."""
+    from volsk.sweeps.cache import cache_key, data_fingerprint
+
+    data = data_fingerprint(X, None)
+    rows = [clone(base).set_params(random_state=0, **params)
+            for params in ParameterGrid(grid)]
+    return [cache_dir / f"{cache_key(name, source, est, data)}.json"
+            for name, source in models.items() for est in rows]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete a key", "short column",
+                                    "other format", "not a record"])
+def test_damaged_cache_files_are_recomputed_and_named_under_verbose(problem, tmp_path, damage,
+                                                                  capsys):
+    models, X, base, _grid = problem
+    grid = {"cutoff": [1e-3, 1e-2]}
+    fresh = sweep(models, X, grid, estimator=base, cache_dir=tmp_path)
+    files = _cached_files(tmp_path, models, X, base, grid)
+    assert all(f.exists() for f in files)
+    victim = files[1]
+    text = victim.read_text()
+    record = json.loads(text)
+    if damage == "truncate":  # a copy interrupted half way
+        victim.write_text(text[: len(text) // 2])
+    elif damage == "garble":
+        victim.write_bytes(b"\x00\xff" + text.encode()[2:])
+    elif damage == "delete a key":  # valid JSON, incomplete (today's code: a bare KeyError)
+        del record["result"]["log_volume"]
+        victim.write_text(json.dumps(record))
+    elif damage == "short column":
+        record["samples"]["radius"] = record["samples"]["radius"][:-1]
+        victim.write_text(json.dumps(record))
+    elif damage == "other format":
+        record["format"] = 2
+        victim.write_text(json.dumps(record))
+    else:
+        victim.write_text(json.dumps([1, 2, 3]))
+    capsys.readouterr()
+    again = sweep(models, X, grid, estimator=base, cache_dir=tmp_path, verbose=1)
+    err = capsys.readouterr().err
+    assert str(victim) in err and "recomputing" in err
+    assert err.count("recomputing") == 1  # only the damaged file
+    assert_same_table(fresh, again)
+    assert again["seconds"].iloc[0] == fresh["seconds"].iloc[0]  # the intact rows: cached
+    rewritten = json.loads(victim.read_text())  # rewritten whole
+    assert rewritten["key"] == victim.stem
+    assert rewritten["samples"] == json.loads(text)["samples"]
+
+
+def test_cache_never_uses_a_record_copied_over_another_rows_file(problem, tmp_path, capsys):
+    models, X, base, _grid = problem
+    grid = {"cutoff": [1e-3, 1e-2]}
+    fresh, fresh_samples = sweep(models, X, grid, estimator=base, cache_dir=tmp_path,
+                                 return_samples=True)
+    files = _cached_files(tmp_path, models, X, base, grid)
+    first, last = files[0].read_bytes(), files[-1].read_bytes()
+    files[0].write_bytes(last)  # swap two rows' files: both are valid, complete records
+    files[-1].write_bytes(first)
+    capsys.readouterr()
+    again, samples = sweep(models, X, grid, estimator=base, cache_dir=tmp_path, verbose=1,
+                           return_samples=True)
+    err = capsys.readouterr().err
+    assert str(files[0]) in err and str(files[-1]) in err and "another question" in err
+    assert_same_table(fresh, again)
+    pd.testing.assert_frame_equal(fresh_samples, samples, check_exact=True)
+    assert files[0].read_bytes() != last  # each file now holds its own row again
+    assert json.loads(files[0].read_text())["key"] == files[0].stem
+
+
 # --------------------------------------------------------------------------------- backends
 
 
@@ -271,7 +357,7 @@ def test_dask_local_cluster_gives_the_same_table(reference, problem):
 def test_gpu_modules_travel_to_workers_as_cpu_copies():
     import pickle
 
-    from volsk.sweep import _CPUModule
+    from volsk.sweeps.sources import _CPUModule
 
     net = make_net(0).cuda()
     shipped = pickle.loads(pickle.dumps(_CPUModule(net)))

@@ -1,21 +1,24 @@
 """Functional evaluation of a model at many parameter vectors.
 
-The user's module is deep-copied once; the copy is put in eval mode and evaluated with
-:func:`torch.func.functional_call`, so nothing volsk does can touch the user's parameters,
-buffers, mode, ``requires_grad`` flags or ``.grad`` fields.  Many directions are evaluated in
-one call with :func:`torch.func.vmap` over stacked flat parameter vectors.
+The user's module is deep-copied once (:func:`volsk._private_copy.private_copy`: no hook runs
+on the copy, computed weights such as weight normalisation follow their parameters); the copy
+is put in eval mode and evaluated with :func:`torch.func.functional_call`, so nothing volsk
+does can touch the user's parameters, buffers, mode, hooks, ``requires_grad`` flags or
+``.grad`` fields.  Many directions are evaluated in one call with :func:`torch.func.vmap` over
+stacked flat parameter vectors.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import functional_call, jvp, vmap
 
+from ._private_copy import forward_hooks, observing_outputs, private_copy
 from ._stacked import StackedMLP
 
 __all__ = ["ParameterSpace", "FunctionalModel", "extract_output"]
@@ -117,6 +120,18 @@ def _as_model_dtype(X: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
 class FunctionalModel:
     """A private eval-mode copy of a module, evaluated functionally at flat parameter vectors.
 
+    The copy runs no hooks: forward (pre-)hooks and backward hooks registered on the user's
+    modules, and torch's process-wide module hooks, never see volsk's forward passes (which
+    are vmapped over directions: a hook would be fed batched tensors). The user's model keeps
+    its hooks, and they fire on the user's own forward passes as before. What is measured is
+    ``forward`` alone; a warning is given when the model has forward hooks (a hook that
+    changes a module's outputs belongs in ``forward``). Weights computed from
+    other parameters (``torch.nn.utils.parametrizations.weight_norm`` and other
+    parametrizations; the legacy ``weight_norm``, ``spectral_norm`` and ``prune`` pre-hooks)
+    are recomputed from the perturbed parameters at every evaluation: the trainable
+    parameters are the originals (g and v for weight normalisation).
+    See :mod:`volsk._private_copy`.
+
     Parameters
     ----------
     module : torch.nn.Module
@@ -137,7 +152,19 @@ class FunctionalModel:
     def __init__(self, module, X, device, forward_kwargs=None, data_batch_size=None,
                  batches=None):
         self.device = torch.device(device)
-        self.module = copy.deepcopy(module).to(self.device)
+        hooked = forward_hooks(module)
+        if hooked:
+            shown = ", ".join(hooked[:5]) + (f" and {len(hooked) - 5} more" if len(hooked) > 5
+                                             else "")
+            warnings.warn(
+                f"the model has forward hooks or forward pre-hooks (on {shown}); volsk runs no "
+                "hook on its private copy (they would be fed vmap-batched tensors), so it "
+                "measures forward() alone. If a hook changes a module's inputs or outputs, move "
+                "that computation into forward().",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.module = private_copy(module).to(self.device)
         self.module.eval()
         for m in self.module.modules():
             # ReLU(inplace=True) and friends: the same numbers, but an in-place op on X (a
@@ -153,12 +180,8 @@ class FunctionalModel:
                 "model has no trainable parameters (requires_grad=True); volsk perturbs trainable "
                 "parameters only."
             )
-        params = dict(self.module.named_parameters())
-        self.theta = torch.cat(
-            [params[k].detach().reshape(-1).to(torch.float64) for k in self.space.names]
-        )
-        self.theta = self.theta.to(self.device)  # (n,) float64
         self.model_dtype = self.space.dtypes[0]
+        self.theta = self._anchor_vector()  # (n,)
         # Parameters not in the space (frozen) are passed as fixed tensors, like buffers.
         self.fixed = {
             k: v for k, v in self.module.named_parameters() if k not in set(self.space.names)
@@ -184,6 +207,14 @@ class FunctionalModel:
         if self.X is not None:
             inputs.append((self.X, self.forward_kwargs))
         self.stacked = StackedMLP.of(self.module, self.space, self.fixed, inputs)
+
+    def _anchor_vector(self) -> torch.Tensor:
+        """θ: the trainable parameters as one flat (n,) float64 vector on the device (the
+        large-model evaluator keeps it in the model's dtype instead)."""
+        params = dict(self.module.named_parameters())
+        theta = torch.cat([params[k].detach().reshape(-1).to(torch.float64)
+                           for k in self.space.names])
+        return theta.to(self.device)
 
     def _to_device(self, X):
         if isinstance(X, torch.Tensor):
@@ -378,19 +409,15 @@ class FunctionalModel:
         """Rough memory of one direction in a vmapped forward: activations plus parameter copies."""
         sizes = []
 
-        def hook(_module, _inp, out):
+        def record(out):
             try:
                 t = extract_output(out)
                 sizes.append(t.numel() * t.element_size())
             except TypeError:
                 pass
 
-        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
-        try:
+        with observing_outputs(self.module, record):
             self.anchor_outputs(0)
-        finally:
-            for h in handles:
-                h.remove()
         # activations (kept for the cost) + a float64 perturbed copy and its cast per direction
         return int(2 * sum(sizes) + 4 * 8 * self.space.n)
 
@@ -503,12 +530,9 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(0.4 * free)
-    # On the CPU a batch whose activations stay near the cache is fastest. Measured on the
-    # digits MLP (1 thread, CPU time of a whole fit at k = 300, before the transposed MLP
-    # path): 20 directions per vmapped call 0.84 ms per direction, 30–60 per call 0.80–0.82
-    # ms, 100 per call 0.85 ms, 300 per call 1.7 ms (memory bound); with the transposed path
-    # (fits alternated in one process): 24–48 per call 0.63–0.65 ms, 64 per call 0.68 ms.
-    # This budget gives 40. Larger models get one direction at a time.
+    # On the CPU a batch whose activations stay near the cache is fastest (a larger batch is
+    # memory bound: benchmarks/radius_search.py measured the batch sizes; this budget gives
+    # ~40 directions per call on the digits MLP). Larger models get one direction at a time.
     return 128 << 20
 
 

@@ -6,24 +6,20 @@ weights, instead of ``vmap(functional_call)`` (no unflattening and dispatch per 
 bias added inside the matrix product). Activations are kept transposed, (B, features, N): the
 weight is the left factor of every product, as it is stored, and the last layer's (B, classes,
 N) output makes the cost's reductions over a short class axis run along the long example axis.
-On the digits MLP (1 thread, per direction and evaluation): the last layer's product ~13
-instead of ~23 µs, a KL cost's logsumexp ~9 instead of ~22 µs; a whole fit's time per
-evaluation from ~2.2 to ~1.9 plain forward passes. The cost receives the usual (B, N, out)
-layout, as a view.
+The cost receives the usual (B, N, out) layout, as a view. (What it saves is measured by
+``benchmarks/radius_search.py``; see benchmarks/RESULTS.md.)
 
 The numbers differ from the vmapped path by float rounding only (both are checked against a
 float64 evaluation in ``tests/test_stacked.py``). A direction's numbers do not depend on
-which other directions share its batch, or on the batch size.
+which other directions share its batch, or on the batch size: each direction's activations
+are padded to whole vector-kernel rows, so none of its numbers falls in a kernel's scalar tail.
 
-Considered and measured, not kept: caching each direction's first-layer pre-activation along
-its ray (it is affine in r, so an evaluation would need one multiply-add instead of the first
-product). The cache holds features × N numbers per direction (200 KB on the digits MLP), and
-on the CPU reading and gathering it costs more than the 64 × 64 product it saves (ratio 2.0–2.3
-against 1.8–1.9 without it).
-
-Anything else — other layer types, subclasses of ``nn.Linear``, forward hooks, frozen
-parameters, buffers, inputs that are not one (N, features) tensor — takes the general path.
-Only cost evaluations (no gradients, no forward-mode AD) use it.
+Anything else — other layer types, subclasses of ``nn.Linear`` (torch's parametrized modules,
+weight normalisation among them, are such subclasses), layers with hooks that could run,
+frozen parameters, buffers, inputs that are not one (N, features) tensor — takes the general
+path. Only cost evaluations (no gradients, no forward-mode AD) use it. On a FunctionalModel's
+private copy no hook runs (see volsk._private_copy), so a model whose user registered hooks
+takes this path as the same model without them would, with the same numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +29,9 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from ._private_copy import HOOK_REGISTRIES, calls_forward_directly
 
 __all__ = ["StackedMLP"]
 
@@ -52,16 +51,30 @@ POINTWISE = (
 ROW_ALIGN = 64
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
-    return any(getattr(m, h, None) for m in module.modules() for h in hooks)
-
-
 def _global_hooks() -> bool:
     from torch.nn.modules import module as mod
 
     return any(getattr(mod, name, None) for name in
-               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"))
+               ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks"))
+
+
+def _runs_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` could run a hook: one of its modules' own, or a process-wide
+    one on a module that does not call its forward directly (as a private copy's do)."""
+    for m in module.modules():
+        if any(getattr(m, registry, None) for registry in HOOK_REGISTRIES):
+            return True
+        if not calls_forward_directly(m) and _global_hooks():
+            return True
+    return False
+
+
+def _computes_weights(module: nn.Module) -> bool:
+    """Whether some weight is computed from other parameters (parametrizations, legacy
+    weight_norm/spectral_norm/prune): the stacked products would read the wrong tensors."""
+    return any(parametrize.is_parametrized(m) or "_volsk_computed" in m.__dict__
+               for m in module.modules())
 
 
 def _identity(h):
@@ -125,7 +138,9 @@ class StackedMLP:
         ``space``: its ParameterSpace; ``fixed``: frozen parameters and buffers (must be
         empty); ``inputs``: every data batch's (X, forward kwargs).
         """
-        if type(module) is not nn.Sequential or fixed or _has_hooks(module) or _global_hooks():
+        if type(module) is not nn.Sequential or fixed or _runs_hooks(module):
+            return None
+        if _computes_weights(module):
             return None
         if len(set(space.dtypes)) != 1:
             return None

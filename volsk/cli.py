@@ -1,13 +1,18 @@
-"""The ``volsk`` command: ``volsk demo`` and ``volsk estimate``."""
+"""The ``volsk`` command: ``volsk demo`` and ``volsk estimate``.
+
+Parsing the command line imports neither torch nor pandas (``volsk --help`` answers at once);
+a command imports what it runs. Usage errors (bad values, missing files) are printed as one
+line, ``volsk <command>: error: ...``, and exit with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+import warnings
 
-import numpy as np
+from . import _estimate_command
 
 __all__ = ["main", "demo"]
 
@@ -54,6 +59,7 @@ def demo(n_samples=300, preconditioners=("naive", "adam", "diag_hessian"), seed=
         prior_sigma,
         train_digits_mlp,
     )
+    from .results import LowEffectiveSampleSizeWarning
 
     out = sys.stdout if out is None else out
     if threads is not None:
@@ -86,7 +92,9 @@ def demo(n_samples=300, preconditioners=("naive", "adam", "diag_hessian"), seed=
                 n_samples=n_samples,
                 random_state=seed,
             )
-            est.fit(run.model, X, optimizer=run.optimizer)
+            with warnings.catch_warnings():  # the table shows the ESS
+                warnings.simplefilter("ignore", LowEffectiveSampleSizeWarning)
+                est.fit(run.model, X, optimizer=run.optimizer)
             seconds = time.perf_counter() - start
             rows.append(
                 {
@@ -113,48 +121,29 @@ def demo(n_samples=300, preconditioners=("naive", "adam", "diag_hessian"), seed=
     return table
 
 
-def _load_array(path):
-    import torch
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except an unset option's None (its help says what none means) and
+    a flag's False."""
 
-    if path.endswith(".npy"):
-        return np.load(path)
-    if path.endswith(".csv"):
-        return np.loadtxt(path, delimiter=",", ndmin=2)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def estimate(args, out=None):
-    """``volsk estimate MODEL X``: estimate on a saved model (``torch.save(model, path)``)."""
-    import torch
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in --help and usage errors as one line (exit status 2)."""
 
-    out = sys.stdout if out is None else out
-    from . import LocalVolumeEstimator
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
-    model = torch.load(args.model, map_location="cpu", weights_only=False)
-    if not isinstance(model, torch.nn.Module):
-        raise SystemExit(
-            f"volsk estimate: {args.model} holds a {type(model).__name__}, not a torch.nn.Module "
-            "saved with torch.save(model, path)"
-        )
-    X = _load_array(args.X)
-    y = _load_array(args.y) if args.y else None
-    est = LocalVolumeEstimator(
-        cutoff=args.cutoff,
-        measure=args.measure,
-        preconditioner=None if args.preconditioner == "naive" else args.preconditioner,
-        n_samples=args.n_samples,
-        cost=args.cost,
-        sigma=float(args.sigma) if args.sigma not in ("auto", "init") else args.sigma,
-        random_state=args.random_state,
-        device=args.device,
-        verbose=args.verbose,
-    ).fit(model, X, y)
-    frame = est.results_frame()
-    if args.json:
-        print(json.dumps(frame.iloc[0].to_dict()), file=out)
-    else:
-        print(_format_table(frame), file=out)
-    return est
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv=None):
@@ -172,34 +161,50 @@ def main(argv=None):
     >>> "demo" in out.getvalue() and "estimate" in out.getvalue()
     True
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="volsk", description="Local volume (prior probability) of trained networks."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="train the digits MLP and print the volume table")
-    p_demo.add_argument("--n-samples", type=int, default=300)
-    p_demo.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p_demo = sub.add_parser("demo", help="train the digits MLP and print the volume table",
+                            description="Train the digits MLP (clean and poisoned) on the CPU "
+                                        "and print its local-volume table.")
+    p_demo.add_argument("--n-samples", type=int, default=None,
+                        help="directions per estimate (default 300; 20 with --language)")
+    p_demo.add_argument("--seed", type=int, default=0, help="seed of training and directions")
     p_demo.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on small shared machines)")
-    p_est = sub.add_parser("estimate", help="estimate on a saved model and inputs")
-    p_est.add_argument("model", help="file written by torch.save(model, path)")
-    p_est.add_argument("X", help="inputs: .npy, .csv or a torch.save'd tensor")
-    p_est.add_argument("--y", help="labels (for --cost cross_entropy)")
-    p_est.add_argument("--cutoff", type=float, default=1e-2)
-    p_est.add_argument("--measure", default="gaussian")
-    p_est.add_argument("--sigma", default="auto")
-    p_est.add_argument("--preconditioner", default="naive")
-    p_est.add_argument("--cost", default="kl")
-    p_est.add_argument("--n-samples", type=int, default=100)
-    p_est.add_argument("--random-state", type=int, default=0)
-    p_est.add_argument("--device", default="auto")
-    p_est.add_argument("--verbose", type=int, default=0)
-    p_est.add_argument("--json", action="store_true", help="print one JSON object")
+    p_demo.add_argument("--language", action="store_true",
+                        help="instead: train a tiny GPT-NeoX on the standard library's text "
+                             "and print the log-volume of its checkpoints")
+    p_est = sub.add_parser("estimate", help="estimate on a saved model and inputs",
+                           description="Estimate the local volume of a saved network on saved "
+                                       "inputs; every estimator parameter is an option.")
+    _estimate_command.add_arguments(p_est)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(n_samples=args.n_samples, seed=args.seed, threads=args.threads)
+    if args.command == "demo" and args.language:
+        import torch
+
+        from .experiments import language
+
+        torch.set_num_threads(args.threads)
+        n_samples = 20 if args.n_samples is None else args.n_samples
+        language.language_demo(n_samples=n_samples, seed=args.seed)
+    elif args.command == "demo":
+        n_samples = 300 if args.n_samples is None else args.n_samples
+        demo(n_samples=n_samples, seed=args.seed, threads=args.threads)
     elif args.command == "estimate":
-        estimate(args)
+        try:
+            _estimate_command.run(args)
+        except (_estimate_command.UsageError, ValueError, TypeError) as exc:
+            # volsk raises ValueError/TypeError for bad input, naming the argument and the fix
+            p_est.exit(2, f"{p_est.prog}: error: {_one_line(exc)}\n")
+        except KeyboardInterrupt:
+            p_est.exit(130, f"{p_est.prog}: interrupted\n")
+        except Exception as exc:  # noqa: BLE001 - one line unless the user asks for more
+            if args.traceback:
+                raise
+            p_est.exit(1, f"{p_est.prog}: error: {type(exc).__name__}: {_one_line(exc)} "
+                          "(--traceback shows where)\n")
     return 0
 
 

@@ -1,27 +1,61 @@
 """Costs: how far a perturbed network's behaviour is from the anchor's on the data.
 
-A cost here is a callable ``outputs -> scalar tensor`` with the anchor's outputs (and labels, and
-the token mask) bound in. Every cost is a mean over examples (and unmasked tokens), is >= 0 and
-is 0 at the anchor for "kl" and "mse"; "cross_entropy" measures the increase of the loss over
-the anchor's. The "kl" (on logits) and "mse" costs of (N, out) outputs also carry
-``cost.features_first``: the same cost for a batch of B transposed outputs (B, out, N) → (B,),
-as the plain-MLP fast path (``volsk._stacked``) produces them, without ``vmap``.
+A cost specification (:class:`KL`, :class:`CrossEntropy`, :class:`MSE`, :class:`CallableCost`)
+is bound to the anchor's outputs on one data batch (and its labels and token mask) by
+:meth:`Cost.bind`; the bound cost is a callable ``outputs -> scalar tensor``. Every cost is a
+mean over examples (and unmasked tokens), is >= 0 and is 0 at the anchor for "kl" and "mse";
+"cross_entropy" measures the increase of the loss over the anchor's.
+
+A bound cost also carries what the rest of volsk needs to know about it, so that nothing else
+branches on the cost's name:
+
+- ``n_terms(n_examples)``: how many terms its mean runs over (a data batch's share of the
+  whole cost is its share of the terms);
+- ``taylor()``: its second directional derivative at the anchor as a quadratic form in one
+  output tangent (the radius search's first guess), or None;
+- ``ggn_factor(anchor, weight)``: the output-space factor of its Gauss–Newton matrix, or None;
+- ``output_hessian_diagonal(...)``: the closed-form diagonal of its Hessian in the outputs;
+- ``at_anchor(anchor)``: the same cost bound to other anchor outputs (a float64 twin);
+- ``features_first``: present on (N, out) "kl"-on-logits and "mse" costs — the same cost for a
+  batch of B transposed outputs (B, out, N) → (B,), as the plain-MLP fast path produces them.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
-__all__ = ["OUTPUT_KINDS", "COSTS", "make_cost", "to_log_probs", "check_token_mask"]
+__all__ = [
+    "OUTPUT_KINDS",
+    "COSTS",
+    "Cost",
+    "BoundCost",
+    "KL",
+    "CrossEntropy",
+    "MSE",
+    "CallableCost",
+    "resolve_cost",
+    "resolve_output",
+    "make_cost",
+    "to_log_probs",
+    "check_token_mask",
+]
 
-OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities")
+OUTPUT_KINDS = ("logits", "probabilities", "log_probabilities", "binary_logits",
+                "binary_probabilities")
+BINARY_KINDS = ("binary_logits", "binary_probabilities")
 COSTS = ("kl", "cross_entropy", "mse")
+IGNORE_INDEX = -100  # labels equal to this are ignored, as in torch.nn.CrossEntropyLoss
 
 
 def to_log_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
     """Log-probabilities over the last axis from logits, probabilities or log-probabilities.
+
+    A binary classifier's single output per example (the last axis of size 1, as with
+    ``BCEWithLogitsLoss``/``BCELoss``) — a logit z or a probability q of class 1 — becomes the
+    two log-probabilities (log(1 − q), log q) over a last axis of size 2.
 
     Examples
     --------
@@ -29,7 +63,18 @@ def to_log_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
     >>> from volsk.costs import to_log_probs
     >>> to_log_probs(torch.tensor([[0.25, 0.75]]), "probabilities").exp()
     tensor([[0.2500, 0.7500]])
+    >>> to_log_probs(torch.tensor([[0.0]]), "binary_logits").exp()
+    tensor([[0.5000, 0.5000]])
     """
+    if output == "binary_logits":
+        z = outputs[..., :1] if outputs.shape[-1:] == (1,) else outputs.unsqueeze(-1)
+        return torch.cat([torch.nn.functional.logsigmoid(-z), torch.nn.functional.logsigmoid(z)],
+                         dim=-1)
+    if output == "binary_probabilities":
+        q = outputs[..., :1] if outputs.shape[-1:] == (1,) else outputs.unsqueeze(-1)
+        tiny = torch.finfo(q.dtype).tiny
+        return torch.cat([torch.log((1 - q).clamp_min(tiny)), torch.log(q.clamp_min(tiny))],
+                         dim=-1)
     if output == "logits":
         return torch.log_softmax(outputs, dim=-1)
     if output == "probabilities":
@@ -38,9 +83,6 @@ def to_log_probs(outputs: torch.Tensor, output: str) -> torch.Tensor:
     if output == "log_probabilities":
         return outputs
     raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
-
-
-IGNORE_INDEX = -100  # labels equal to this are ignored, as in torch.nn.CrossEntropyLoss
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +106,13 @@ def check_token_mask(mask, anchor_outputs, name="attention_mask"):
     For sequence outputs (N, T, V) the mask must be (N, T) and keep some token. For outputs
     with one row per example (N, V) — a sequence classifier — the mask only served the forward
     pass: the cost averages over examples and None is returned.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import check_token_mask
+    >>> check_token_mask(torch.ones(2, 3), torch.zeros(2, 3, 5)).shape
+    torch.Size([2, 3])
     """
     if mask is None or anchor_outputs.ndim <= 2:
         return None
@@ -77,111 +126,335 @@ def check_token_mask(mask, anchor_outputs, name="attention_mask"):
     return mask
 
 
-def kl_cost(anchor_outputs, output, mask=None):
-    """KL(p_anchor ‖ p_θ') averaged over examples (and unmasked tokens): the paper's cost."""
-    log_p0 = to_log_probs(_upcast(anchor_outputs), output).detach()
-    p0 = log_p0.exp()
-    if output == "logits":
-        # KL = lse(z) − lse(z₀) − ⟨p₀, z − z₀⟩ (Σ p₀ = 1): no log_softmax of the perturbed
-        # logits (it costs ~5× a logsumexp over a short last axis on the CPU), and exactly 0
-        # at the anchor
-        z0 = _upcast(anchor_outputs).detach()
-        lse0 = torch.logsumexp(z0, -1)
-        # the mean over examples (tokens) as weighted sums with the per-row weights w; plain
-        # elementwise products and sums (not torch.dot, whose batched kernel rounds differently
-        # for different numbers of directions)
-        w = torch.ones_like(lse0) if mask is None else mask.to(lse0.dtype)
-        w = w / w.sum()
-        w_p0 = w.unsqueeze(-1) * p0
+def _position_weights(weight, anchor, mask):
+    """Each example/token position's weight in the whole cost (shape anchor.shape[:-1]) when
+    the part of the cost bound to ``anchor`` has weight ``weight``: uniform, or over unmasked
+    tokens."""
+    if mask is not None and anchor.ndim >= 3 and tuple(mask.shape) == tuple(anchor.shape[:-1]):
+        m = mask.to(anchor.dtype)
+        return weight * m / m.sum()
+    shape = anchor.shape[:-1]
+    return torch.full(shape, weight / max(1, math.prod(shape)), dtype=anchor.dtype,
+                      device=anchor.device)
 
-        def cost_from_logits(outputs):
+
+def resolve_output(cost, anchor_outputs, output, *, from_model=False):
+    """What the model's outputs are, checked against what ``cost`` can read.
+
+    Parameters
+    ----------
+    cost : Cost
+    anchor_outputs : torch.Tensor
+        The anchor's outputs on (a batch of) X.
+    output : str or None
+        One of :data:`OUTPUT_KINDS`, or None: decide from the outputs' shape — one output per
+        example ((N, 1)) is a binary classifier's logit, anything else logits over the last
+        axis.
+    from_model : bool, default=False
+        ``output`` was guessed, not told (``output="auto"`` for a plain module): warn when the
+        outputs look like probabilities (rows non-negative, summing to 1) although read as
+        logits.
+
+    Returns
+    -------
+    str
+        The output kind.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import KL, resolve_output
+    >>> resolve_output(KL(), torch.zeros(4, 1), None)
+    'binary_logits'
+    """
+    shape = tuple(anchor_outputs.shape)
+    if output is None:
+        output = "binary_logits" if len(shape) >= 2 and shape[-1] == 1 else "logits"
+        from_model = True
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"output must be 'auto' or one of {OUTPUT_KINDS}, got {output!r}")
+    if not getattr(cost, "reads_distributions", False):
+        return output
+    if output in BINARY_KINDS:
+        if len(shape) >= 2 and shape[-1] != 1:
+            raise ValueError(
+                f"output={output!r} needs one output per example (shape (N, 1) or (N,)); the "
+                f"model's outputs have shape {shape}. Use output='logits' for (N, C) outputs."
+            )
+        return output
+    if len(shape) < 2:
+        raise ValueError(
+            f"the model's outputs have shape {shape}: cost={cost.name!r} needs a distribution "
+            "per example, outputs of shape (N, C) (or (N, T, C) for sequences). If these are "
+            "one logit per example of a binary classifier, pass output='binary_logits' (or "
+            "'binary_probabilities' for a sigmoid output)."
+        )
+    if shape[-1] == 1:
+        raise ValueError(
+            f"the model's outputs have shape {shape}: a distribution over one class is "
+            f"constant, so cost={cost.name!r} would be identically 0. For a binary classifier "
+            "with one logit per example pass output='binary_logits' (or "
+            "'binary_probabilities' for a sigmoid output)."
+        )
+    if from_model and output == "logits" and anchor_outputs.is_floating_point():
+        rows = anchor_outputs.detach().to(torch.float64)
+        if bool((rows >= 0).all()) and bool(((rows.sum(-1) - 1).abs() < 1e-4).all()):
+            import warnings  # rare path
+
+            warnings.warn(
+                "the model's outputs look like probabilities (every row is non-negative and "
+                "sums to 1, e.g. it ends in Softmax) but are read as logits; pass "
+                "output='probabilities' (or 'log_probabilities') if they are",
+                UserWarning,
+                stacklevel=4,
+            )
+    return output
+
+
+# ------------------------------------------------------------------------------ bound costs
+
+
+class BoundCost:
+    """A cost bound to the anchor's outputs on one data batch: ``cost(outputs) -> scalar``.
+
+    Attributes
+    ----------
+    spec : Cost
+        The specification it was bound from.
+    anchor : torch.Tensor
+        The anchor's outputs, (N, V) or (N, T, V).
+    output : str
+        What the outputs are ("logits", "probabilities", "log_probabilities").
+    mask : torch.Tensor or None
+        The (N, T) token mask the mean runs over.
+    """
+
+    def __init__(self, spec, anchor, output, mask):
+        self.spec = spec
+        self.anchor = anchor
+        self.output = output
+        self.mask = mask
+
+    def __call__(self, outputs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def n_terms(self, n_examples: int) -> float:
+        """How many terms the cost's mean runs over: unmasked tokens, else examples."""
+        if self.mask is not None:
+            return float(self.mask.sum())
+        return float(n_examples)
+
+    def at_anchor(self, anchor) -> BoundCost:
+        """The same cost bound to other anchor outputs (default: this one, unchanged)."""
+        return self
+
+    def taylor(self):
+        """``(transform, reduce)`` with d²C/dr² at the anchor = reduce(d transform(out)/dr), or
+        None when the second derivative needs nested JVPs."""
+        return None
+
+    def ggn_factor(self, anchor, weight):
+        """``(transform, root)``: this part's GGN is Σ_x J_xᵀ diag(root_x²) J_x with J_x the
+        Jacobian of transform(outputs); None when there is no known factorisation."""
+        return None
+
+    def hessian_equals_ggn(self) -> bool:
+        """Whether the cost's Hessian at the anchor equals its Gauss–Newton matrix."""
+        return False
+
+    def output_hessian_diagonal(self, out, weight, *, logits: bool, folded: bool):
+        """The closed-form diagonal of ∂²(weight·C)/∂out², or None (then autograd).
+
+        ``logits``: ``out`` are the logits of the compared distribution; ``folded``: a final
+        normaliser was split off the model, so ``out`` are not the model's outputs."""
+        return None
+
+
+class _BoundKL(BoundCost):
+    def __init__(self, spec, anchor, output, mask):
+        super().__init__(spec, anchor, output, mask)
+        self.log_p0 = to_log_probs(_upcast(anchor), output).detach()
+        self.p0 = self.log_p0.exp()
+        if output == "logits":
+            # KL = lse(z) − lse(z₀) − ⟨p₀, z − z₀⟩ (Σ p₀ = 1): no log_softmax of the perturbed
+            # logits (it costs ~5× a logsumexp over a short last axis on the CPU), and exactly
+            # 0 at the anchor. The mean over examples (tokens) as weighted sums with per-row
+            # weights w; plain elementwise products and sums (not torch.dot, whose batched
+            # kernel rounds differently for different numbers of directions).
+            self.z0 = _upcast(anchor).detach()
+            self.lse0 = torch.logsumexp(self.z0, -1)
+            w = torch.ones_like(self.lse0) if mask is None else mask.to(self.lse0.dtype)
+            self.w = w / w.sum()
+            self.w_p0 = self.w.unsqueeze(-1) * self.p0
+            if self.z0.ndim == 2:
+                self.z0_t, self.w_p0_t = self.z0.t().contiguous(), self.w_p0.t().contiguous()
+                self.features_first = self._features_first
+
+    def __call__(self, outputs):
+        if self.output == "logits":
             z = _upcast(outputs)
-            shift = (w * (torch.logsumexp(z, -1) - lse0)).sum()
-            return shift - (w_p0 * (z - z0)).sum()
-
-        if z0.ndim == 2:
-            z0_t, w_p0_t = z0.t().contiguous(), w_p0.t().contiguous()
-
-            def features_first(outputs_t):
-                z = _upcast(outputs_t)
-                shift = ((torch.logsumexp(z, 1) - lse0) * w).sum(1)
-                return shift - ((z - z0_t) * w_p0_t).sum((1, 2))
-
-            cost_from_logits.features_first = features_first
-        return cost_from_logits
-
-    def cost(outputs):
-        log_p = to_log_probs(_upcast(outputs), output)
+            shift = (self.w * (torch.logsumexp(z, -1) - self.lse0)).sum()
+            return shift - (self.w_p0 * (z - self.z0)).sum()
+        log_p = to_log_probs(_upcast(outputs), self.output)
         # p0 = 0 entries contribute 0 even where log_p = -inf (0·inf would be NaN)
-        terms = torch.where(p0 > 0, p0 * (log_p0 - log_p), torch.zeros_like(log_p))
-        return _masked_mean(terms.sum(-1), mask)
+        terms = torch.where(self.p0 > 0, self.p0 * (self.log_p0 - log_p), torch.zeros_like(log_p))
+        return _masked_mean(terms.sum(-1), self.mask)
 
-    return cost
+    def _features_first(self, outputs_t):
+        z = _upcast(outputs_t)
+        shift = ((torch.logsumexp(z, 1) - self.lse0) * self.w).sum(1)
+        return shift - ((z - self.z0_t) * self.w_p0_t).sum((1, 2))
 
+    def at_anchor(self, anchor):
+        return _BoundKL(self.spec, anchor, self.output, self.mask)
 
-def cross_entropy_cost(anchor_outputs, output, y, mask=None):
-    """Mean cross-entropy minus the anchor's: negative where the loss decreases.
+    def taylor(self):
+        # KL(p₀ ‖ p): value and slope are 0 at the anchor and d²/dr² = Σ_v p₀ (d log p_v/dr)²
+        # (because Σ_v d²p_v = 0)
+        mask = self.mask
+        if self.output == "logits":
+            # d log p/dr = t − ⟨p, t⟩ for logit tangents t: the curvature is p₀'s variance of t
+            p0 = torch.softmax(self.anchor.detach(), -1)
 
-    Labels equal to -100 are ignored (as in :class:`torch.nn.CrossEntropyLoss`), and so are
-    tokens whose mask is 0.
-    """
-    if y is None:
-        raise ValueError(
-            'cost="cross_entropy" needs labels: call fit(model, X, y) with y the class indices.'
-        )
-    if y.is_floating_point():
-        if not bool((y == y.round()).all()):
-            raise ValueError("y must hold integer class indices for cost='cross_entropy'")
-    y = y.long()
-    if tuple(y.shape) != tuple(anchor_outputs.shape[:-1]):
-        raise ValueError(
-            f"y of shape {tuple(y.shape)} does not fit the model's outputs of shape "
-            f"{tuple(anchor_outputs.shape)}: cost='cross_entropy' needs one class index per "
-            "example (per token for sequence outputs)"
-        )
-    keep = y != IGNORE_INDEX
-    n_classes = anchor_outputs.shape[-1]
-    if bool(((y[keep] < 0) | (y[keep] >= n_classes)).any()):
-        raise ValueError(f"y must hold class indices in [0, {n_classes}) (or -100 to ignore)")
-    weights = keep if mask is None else keep & (mask != 0)
-    if not bool(weights.any()):
-        raise ValueError("every label is ignored (y = -100 or masked): nothing to compare")
-    index = torch.where(keep, y, torch.zeros_like(y)).unsqueeze(-1)
+            def reduce_logits(t):
+                mean = (p0 * t).sum(-1, keepdim=True)
+                return _masked_mean((p0 * (t - mean) ** 2).sum(-1), mask)
 
-    def loss(outputs):
-        log_p = to_log_probs(_upcast(outputs), output)
-        nll = -log_p.gather(-1, index).squeeze(-1)
-        return _masked_mean(nll, weights)
+            return (lambda out: out), reduce_logits
+        output = self.output
+        p0 = to_log_probs(self.anchor, output).detach().exp()
 
-    base = loss(anchor_outputs).detach()
+        def reduce(t):
+            terms = torch.where(p0 > 0, p0 * t * t, torch.zeros_like(t))
+            return _masked_mean(terms.sum(-1), mask)
 
-    def cost(outputs):
-        return loss(outputs) - base
+        return (lambda out: to_log_probs(out, output)), reduce
 
-    return cost
+    def ggn_factor(self, anchor, weight):
+        return _fisher_factor(anchor, weight, self.output, self.mask)
+
+    def hessian_equals_ggn(self):
+        # the KL's gradient vanishes at the anchor; its Hessian is the Fisher there when the
+        # model's probabilities sum to one
+        log_p = to_log_probs(self.anchor, self.output)
+        return bool((torch.logsumexp(log_p.to(torch.float64), dim=-1).abs() < 1e-6).all())
+
+    def output_hessian_diagonal(self, out, weight, *, logits, folded):
+        return _fisher_logit_diagonal(out, weight, self.mask) if logits else None
 
 
-def mse_cost(anchor_outputs, mask=None):
-    """``torch.nn.functional.mse_loss(outputs, anchor_outputs)``: mean over examples and units.
+def _fisher_factor(anchor, weight, output, mask):
+    """The Fisher of the predictive distribution, Σ_x w_x Σ_c p_c ∇log q_c ∇log q_cᵀ."""
+    log_p = to_log_probs(anchor, output).to(torch.float64)
+    root = (_position_weights(weight, log_p, mask)[..., None] * log_p.exp()).sqrt()
+    return (lambda out: to_log_probs(out, output)), root
 
-    With a token mask (N, T), the mean runs over unmasked tokens (and all units).
-    """
-    anchor = _upcast(anchor_outputs).detach()
 
-    def cost(outputs):
+def _fisher_logit_diagonal(logits, weight, mask):
+    """diag ∂²C/∂z² = w (q − q²) for the softmax's logits z, w each position's weight."""
+    q = torch.softmax(logits, dim=-1)
+    return _position_weights(weight, q, mask)[..., None] * (q - q * q)
+
+
+class _BoundCrossEntropy(BoundCost):
+    def __init__(self, spec, anchor, output, mask, y):
+        super().__init__(spec, anchor, output, mask)
+        if y is None:
+            raise ValueError(
+                'cost="cross_entropy" needs labels: call fit(model, X, y) with y the class '
+                "indices."
+            )
+        if y.is_floating_point():
+            if not bool((y == y.round()).all()):
+                raise ValueError("y must hold integer class indices for cost='cross_entropy'")
+        y = y.long()
+        rows = anchor.shape if output in BINARY_KINDS and anchor.shape[-1:] != (1,) else (
+            anchor.shape[:-1])
+        if tuple(y.shape) != tuple(rows):
+            raise ValueError(
+                f"y of shape {tuple(y.shape)} does not fit the model's outputs of shape "
+                f"{tuple(anchor.shape)}: cost='cross_entropy' needs one class index per "
+                "example (per token for sequence outputs)"
+            )
+        keep = y != IGNORE_INDEX
+        n_classes = 2 if output in BINARY_KINDS else anchor.shape[-1]
+        if bool(((y[keep] < 0) | (y[keep] >= n_classes)).any()):
+            raise ValueError(f"y must hold class indices in [0, {n_classes}) (or -100 to ignore)")
+        self.weights = keep if mask is None else keep & (mask != 0)
+        if not bool(self.weights.any()):
+            raise ValueError("every label is ignored (y = -100 or masked): nothing to compare")
+        self.index = torch.where(keep, y, torch.zeros_like(y)).unsqueeze(-1)
+        self.base = self._loss(anchor).detach()
+
+    def _loss(self, outputs):
+        log_p = to_log_probs(_upcast(outputs), self.output)
+        nll = -log_p.gather(-1, self.index).squeeze(-1)
+        return _masked_mean(nll, self.weights)
+
+    def __call__(self, outputs):
+        return self._loss(outputs) - self.base
+
+    def n_terms(self, n_examples):
+        # the mean runs over the labels that are kept (not -100, not masked)
+        return float(self.weights.sum())
+
+    def ggn_factor(self, anchor, weight):
+        return _fisher_factor(anchor, weight, self.output, self.mask)
+
+    def output_hessian_diagonal(self, out, weight, *, logits, folded):
+        return _fisher_logit_diagonal(out, weight, self.mask) if logits else None
+
+
+class _BoundMSE(BoundCost):
+    def __init__(self, spec, anchor, output, mask):
+        super().__init__(spec, anchor, output, mask)
+        self.anchor_up = _upcast(anchor).detach()
+        if mask is None and self.anchor_up.ndim == 2:
+            self.anchor_t = self.anchor_up.t().contiguous()
+            self.features_first = self._features_first
+
+    def __call__(self, outputs):
         outputs = _upcast(outputs)
-        if mask is None:
-            return torch.nn.functional.mse_loss(outputs, anchor)
-        return _masked_mean((outputs - anchor).pow(2).mean(-1), mask)
+        if self.mask is None:
+            return torch.nn.functional.mse_loss(outputs, self.anchor_up)
+        return _masked_mean((outputs - self.anchor_up).pow(2).mean(-1), self.mask)
 
-    if mask is None and anchor.ndim == 2:
-        anchor_t = anchor.t().contiguous()
+    def _features_first(self, outputs_t):
+        return (_upcast(outputs_t) - self.anchor_t).pow(2).mean((1, 2))
 
-        def features_first(outputs_t):
-            return (_upcast(outputs_t) - anchor_t).pow(2).mean((1, 2))
+    def at_anchor(self, anchor):
+        return _BoundMSE(self.spec, anchor, self.output, self.mask)
 
-        cost.features_first = features_first
-    return cost
+    def taylor(self):
+        # d²/dr² mse = 2·mean (d f/dr)², the residual term vanishing at the anchor
+        mask = self.mask
+        return (lambda out: out), (lambda t: 2.0 * _masked_mean(t * t, _unit_mask(mask, t)))
+
+    def ggn_factor(self, anchor, weight):
+        if self.mask is None:
+            root = torch.full(anchor.shape, math.sqrt(2.0 * weight / anchor.numel()),
+                              dtype=torch.float64, device=anchor.device)
+        else:
+            # mean over unmasked tokens and all units
+            per = _position_weights(weight, anchor, self.mask).to(torch.float64)
+            root = (2.0 * per[..., None] / anchor.shape[-1]).expand(anchor.shape).sqrt()
+        return (lambda out: out), root
+
+    def hessian_equals_ggn(self):
+        return True  # the residual term vanishes where outputs = anchor outputs
+
+    def output_hessian_diagonal(self, out, weight, *, logits, folded):
+        if folded:
+            return None
+        if self.mask is None:
+            return torch.full_like(out, 2.0 * weight / out.numel())
+        per = _position_weights(weight, out, self.mask)
+        return (2.0 * per[..., None] / out.shape[-1]).expand(out.shape).clone()
+
+
+def _unit_mask(mask, t):
+    """A token mask broadcast over the output units (None: no mask)."""
+    return None if mask is None else mask[..., None].expand(t.shape)
 
 
 def _callable_arity(fn):
@@ -203,19 +476,21 @@ def _callable_arity(fn):
     return accepted, required, takes_mask
 
 
-def user_cost(fn, anchor_outputs, y=None, mask=None):
-    """Bind a user callable ``fn(outputs, anchor_outputs[, y][, mask=...])``."""
-    accepted, required, takes_mask = _callable_arity(fn)
-    if accepted < 2:
-        raise TypeError("a cost callable must take (outputs, anchor_outputs[, y])")
-    if required >= 3 and y is None:
-        raise ValueError("the cost callable takes labels y, but fit got y=None: pass y")
-    anchor = anchor_outputs.detach()
-    args = (anchor, y) if (y is not None and accepted >= 3) else (anchor,)
-    kwargs = {"mask": mask} if (mask is not None and takes_mask) else {}
+class _BoundCallable(BoundCost):
+    def __init__(self, spec, anchor, output, mask, y):
+        super().__init__(spec, anchor, output, mask)
+        fn = spec.fn
+        accepted, required, takes_mask = _callable_arity(fn)
+        if accepted < 2:
+            raise TypeError("a cost callable must take (outputs, anchor_outputs[, y])")
+        if required >= 3 and y is None:
+            raise ValueError("the cost callable takes labels y, but fit got y=None: pass y")
+        anchor = anchor.detach()
+        self.args = (anchor, y) if (y is not None and accepted >= 3) else (anchor,)
+        self.kwargs = {"mask": mask} if (mask is not None and takes_mask) else {}
 
-    def cost(outputs):
-        value = fn(outputs, *args, **kwargs)
+    def __call__(self, outputs):
+        value = self.spec.fn(outputs, *self.args, **self.kwargs)
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"the cost callable returned {type(value).__name__}; it must return a scalar "
@@ -228,15 +503,154 @@ def user_cost(fn, anchor_outputs, y=None, mask=None):
             )
         return value
 
-    return cost
+
+# ----------------------------------------------------------------------------- specifications
 
 
-def make_cost(cost, anchor_outputs, *, output="logits", y=None, mask=None):
+class Cost:
+    """A cost specification; :meth:`bind` ties it to the anchor's outputs on a data batch."""
+
+    name: str = "cost"
+    reads_distributions = False  # whether outputs must be a distribution per example
+    uses_labels = False  # whether y enters the cost (a scorer passes y only then)
+
+    def bind(self, anchor_outputs, *, output="logits", y=None, mask=None) -> BoundCost:
+        """The cost bound to ``anchor_outputs`` (and labels ``y``, token ``mask``)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class KL(Cost):
+    """KL(p_anchor ‖ p_θ') averaged over examples (and unmasked tokens): the paper's cost.
+
+    Outputs are read as a distribution per example (or token): logits, probabilities or
+    log-probabilities over the last axis, or a binary classifier's single logit/probability.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import KL
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    >>> float(KL().bind(logits)(logits))
+    0.0
+    """
+
+    name = "kl"
+    reads_distributions = True
+
+    def bind(self, anchor_outputs, *, output="logits", y=None, mask=None):
+        return _BoundKL(self, anchor_outputs, output, check_token_mask(mask, anchor_outputs))
+
+
+class CrossEntropy(Cost):
+    """Mean cross-entropy against labels y minus the anchor's (negative where it decreases).
+
+    Labels equal to -100 are ignored (as in :class:`torch.nn.CrossEntropyLoss`), and so are
+    tokens whose mask is 0.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import CrossEntropy
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    >>> cost = CrossEntropy().bind(logits, y=torch.tensor([0, 0]))
+    >>> round(float(cost(torch.zeros(2, 2))), 4)  # uniform predictions lower this loss
+    -0.0269
+    """
+
+    name = "cross_entropy"
+    reads_distributions = True
+    uses_labels = True
+
+    def bind(self, anchor_outputs, *, output="logits", y=None, mask=None):
+        mask = check_token_mask(mask, anchor_outputs)
+        return _BoundCrossEntropy(self, anchor_outputs, output, mask, y)
+
+
+class MSE(Cost):
+    """``torch.nn.functional.mse_loss(outputs, anchor_outputs)``: mean over examples and units.
+
+    With a token mask (N, T), the mean runs over unmasked tokens (and all units).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import MSE
+    >>> float(MSE().bind(torch.zeros(2, 2))(torch.ones(2, 2)))
+    1.0
+    """
+
+    name = "mse"
+
+    def bind(self, anchor_outputs, *, output="logits", y=None, mask=None):
+        return _BoundMSE(self, anchor_outputs, output, check_token_mask(mask, anchor_outputs))
+
+
+class CallableCost(Cost):
+    """A user callable ``fn(outputs, anchor_outputs[, y][, mask=...]) -> scalar tensor``.
+
+    ``y`` is passed as a third argument when ``fn`` accepts one and labels are given, ``mask=``
+    when ``fn`` has a ``mask`` parameter and a token mask is given. It must be written with
+    torch operations (it runs under :func:`torch.func.vmap`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.costs import CallableCost
+    >>> cost = CallableCost(lambda out, anchor: (out - anchor).abs().mean())
+    >>> float(cost.bind(torch.zeros(2, 2))(torch.ones(2, 2)))
+    1.0
+    """
+
+    name = "callable"
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether ``fn`` requires labels (a third positional parameter without default)."""
+        return _callable_arity(self.fn)[1] >= 3
+
+    def bind(self, anchor_outputs, *, output="logits", y=None, mask=None):
+        mask = check_token_mask(mask, anchor_outputs)
+        return _BoundCallable(self, anchor_outputs, output, mask, y)
+
+    def __repr__(self):
+        return f"CallableCost({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+_BY_NAME = {"kl": KL, "cross_entropy": CrossEntropy, "mse": MSE}
+
+
+def resolve_cost(cost) -> Cost:
+    """The cost specification for the estimator's ``cost`` parameter.
+
+    Examples
+    --------
+    >>> from volsk.costs import resolve_cost
+    >>> resolve_cost("kl"), resolve_cost("mse")
+    (KL(), MSE())
+    """
+    if isinstance(cost, Cost):
+        return cost
+    if isinstance(cost, str):
+        if cost in _BY_NAME:
+            return _BY_NAME[cost]()
+        raise ValueError(f"cost must be one of {COSTS} or a callable, got {cost!r}")
+    if callable(cost):
+        return CallableCost(cost)
+    raise ValueError(f"cost must be one of {COSTS} or a callable, got {cost!r}")
+
+
+def make_cost(cost, anchor_outputs, *, output="logits", y=None, mask=None) -> BoundCost:
     """Bind a cost specification to the anchor's outputs.
 
     Parameters
     ----------
-    cost : {"kl", "cross_entropy", "mse"} or callable
+    cost : {"kl", "cross_entropy", "mse"}, callable or a :class:`Cost`
         "kl": KL(anchor ‖ perturbed) averaged over examples (and unmasked tokens); "mse": the
         mean squared difference from the anchor's outputs (over unmasked tokens with a mask);
         "cross_entropy": the mean cross-entropy against ``y`` minus the anchor's (negative
@@ -255,7 +669,7 @@ def make_cost(cost, anchor_outputs, *, output="logits", y=None, mask=None):
 
     Returns
     -------
-    callable
+    BoundCost
         ``outputs -> scalar tensor``.
 
     Examples
@@ -270,13 +684,4 @@ def make_cost(cost, anchor_outputs, *, output="logits", y=None, mask=None):
     >>> round(float(ce(torch.zeros(2, 2))), 4)  # uniform predictions lower this loss
     -0.0269
     """
-    mask = check_token_mask(mask, anchor_outputs)
-    if callable(cost):
-        return user_cost(cost, anchor_outputs, y=y, mask=mask)
-    if cost == "kl":
-        return kl_cost(anchor_outputs, output, mask)
-    if cost == "cross_entropy":
-        return cross_entropy_cost(anchor_outputs, output, y, mask)
-    if cost == "mse":
-        return mse_cost(anchor_outputs, mask)
-    raise ValueError(f"cost must be one of {COSTS} or a callable, got {cost!r}")
+    return resolve_cost(cost).bind(anchor_outputs, output=output, y=y, mask=mask)

@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from numbers import Integral, Real
 
 import numpy as np
-import pandas as pd
 import torch
-from joblib import Parallel, delayed, effective_n_jobs
-from sklearn.base import BaseEstimator
-from sklearn.utils import check_random_state
+from sklearn.base import BaseEstimator, clone
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._engine import calibrate_search, estimate_directions, prepare_problem
-from ._radius import STATUS
-from .costs import COSTS
+from . import _pipeline as pipeline
+from ._evaluate_large import EVALUATIONS
+from ._fingerprint import AsFloat64, fingerprint
+from ._seeding import base_seed
+from ._threads import fit_threads
+from .costs import COSTS, OUTPUT_KINDS
 from .measures import MEASURES, resolve_measure
-from .preconditioners import EPS_GRID, PRECONDITIONERS, resolve_preconditioner, select_eps
+from .preconditioners import EPS_GRID, PRECONDITIONERS, resolve_preconditioner
 from .results import (
+    DirectionRecords,
+    LowEffectiveSampleSizeWarning,
     aggregate_log_volume,
+    bootstrap_interval,
     effective_sample_size,
     log_lower_bound,
     to_bits,
     to_log10,
+    top_sample_share,
 )
-from .skorch import resolve_model
 
 __all__ = ["LocalVolumeEstimator"]
+
+# warn that the estimate rests on one direction when at least this many were drawn
+ESS_WARNING_MIN_SAMPLES = 10
+ESS_WARNING_BELOW = 1.5
 
 
 class LocalVolumeEstimator(BaseEstimator):
@@ -54,18 +60,32 @@ class LocalVolumeEstimator(BaseEstimator):
     cost : {"kl", "cross_entropy", "mse"} or callable, default="kl"
         A callable is ``cost(outputs, anchor_outputs) -> scalar tensor`` (``cost(outputs,
         anchor_outputs, y)`` when y is given), written with torch operations.
-    output : {"auto", "logits", "probabilities", "log_probabilities"}, default="auto"
-        What the model outputs. "auto": logits for modules; read from a skorch net's criterion
-        (NLLLoss → probabilities, CrossEntropyLoss → logits).
+    output : str, default="auto"
+        What the model outputs: "auto", "logits", "probabilities", "log_probabilities",
+        "binary_logits" or "binary_probabilities". "auto": read from a skorch net's criterion
+        (NLLLoss → probabilities, CrossEntropyLoss → logits, BCEWithLogitsLoss →
+        binary_logits, BCELoss → binary_probabilities); for a plain module from the outputs'
+        shape: (N, 1) is a binary classifier's logit, (N, C) logits (with a warning when the
+        rows look like
+        probabilities). "binary_*": one output per example, (N, 1) or (N,), the logit or the
+        probability of class 1 (the KL is then between Bernoulli distributions). The "kl" and
+        "cross_entropy" costs refuse outputs they cannot read as a distribution per example.
     sigma : float, array-like, dict or {"auto", "init"}, default="auto"
         Standard deviation of the Gaussian prior. "auto": RMS of θ; "init": per tensor, from
         re-initialising a copy of the model.
     bounds : float, array-like, dict or "init", default="init"
         Half-widths of the uniform prior's box.
-    preconditioner_eps : float or "auto", default=1e-3
-        "auto": a pilot of up to 32 directions (seeds separate from the estimate's, shared
-        across the grid) at each eps in 1, 1e-1, …, 1e-6; the largest pilot estimate wins (a
-        larger estimate is, with high probability, a more accurate one).
+    preconditioner_eps : float or "auto", default="auto"
+        The regulariser ε of P ∝ 1/(|h|^exponent + ε), in units of |h|^exponent (unused by
+        the naive estimator). "auto": chosen by a pilot of 8 directions per eps (seeds apart
+        from the estimate's, the same at every eps) over a log-scale search — the coarse grid
+        1, 1e-2, 1e-4, 1e-6 (extended by 100× steps past an end that keeps winning), then the
+        winner × 10^{±1/2}, × 10^{±1} — keeping the *largest* eps whose pilot log-volume is
+        within log(8/0.05) ≈ 5.1 nats of the best (a larger estimate is, with high
+        probability, a more accurate one: Markov's inequality bounds how far 8 pilot
+        estimates can overshoot, P ≤ 8e^{−t} = 0.05 at t ≈ 5.1 nats; within that the mildest
+        map is preferred). Typically 64 pilot directions; see
+        :func:`volsk.preconditioners.choose_eps`. A float fixes ε.
     preconditioner_exponent : float, default=0.5
     rtol : float, default=1e-3
         Boundary accuracy: |C(θ + R u) − cutoff| ≤ rtol·cutoff.
@@ -77,6 +97,15 @@ class LocalVolumeEstimator(BaseEstimator):
         the full-batch cost (an exact weighted mean, token masks included), so results do not
         depend on it beyond rounding. X may also be a ``torch.utils.data.DataLoader`` (not
         shuffling): its batches are used as they come.
+    evaluation : {"auto", "vmap", "large"}, default="auto"
+        How the model is evaluated. "vmap": many directions per forward pass (vmapped over
+        stacked parameter vectors). "large": one direction per forward pass through one
+        perturbed copy of the parameters, each direction generated block by block from its
+        seed — a fit's memory is then the model's copy, one perturbed copy, one direction and
+        one data batch's activations, whatever ``n_samples`` is (``batch_size`` is unused).
+        "auto": "large" for models of 2**20 trainable parameters or more, or when two
+        vmapped directions do not fit the memory budget. The directions are the same; the
+        results differ by float rounding only.
     device : "auto", str or torch.device, default="auto"
         Where to evaluate ("auto": cuda when available). The user's model is never moved.
     random_state : int, RandomState instance or None, default=None
@@ -86,6 +115,15 @@ class LocalVolumeEstimator(BaseEstimator):
         otherwise; -1: all CPUs). Results are identical whatever the number of workers and the
         backend; with process backends the prepared problem (a copy of the model and X) is
         sent to each worker.
+    n_threads : "auto", int or None, default="auto"
+        torch's intra-op threads during ``fit``, ``partial_fit`` and ``score`` (the caller's
+        setting is restored afterwards, also when the fit raises or is interrupted). "auto":
+        one thread for models of fewer than 5 000 000 trainable parameters — small operations
+        gain nothing from threads, and on a machine whose cores are busy several threads make
+        a fit many times slower — and torch's own setting for larger models, where threads on
+        idle cores pay (``benchmarks/threads.py`` measures it: ``benchmarks/RESULTS.md``).
+        None: leave torch's setting as it is. The thread count changes results at most by
+        rounding (it can change how a large matrix product is summed).
     verbose : int, default=0
         > 0 shows a progress bar.
 
@@ -109,6 +147,10 @@ class LocalVolumeEstimator(BaseEstimator):
         direction's search starts and how the cost grows there; it does not enter the
         estimate.
     effective_sample_size_ : float
+        Kish's (Σw)²/Σw² of the per-direction estimates: near 1 when one direction carries
+        the estimate (then a ``LowEffectiveSampleSizeWarning`` is given for k ≥ 10).
+    top_sample_share_ : float
+        The fraction of µ̂ from the largest per-direction estimate.
     samples_ : pandas.DataFrame
         One row per direction: log_volume, radius, cost_at_radius, log_weight, evaluations…
     flat_parameters_ : list of str
@@ -120,8 +162,9 @@ class LocalVolumeEstimator(BaseEstimator):
         The eps used (the pilot's choice when ``preconditioner_eps="auto"``; None for the
         naive estimator, whose map does not depend on eps).
     eps_pilot_ : pandas.DataFrame or None
-        With ``preconditioner_eps="auto"``: one row per eps of the grid (pilot log-volume, max
-        and median sample, ESS, evaluations per direction, selected).
+        With ``preconditioner_eps="auto"``: one row per eps tried, by decreasing eps (stage,
+        pilot log-volume, max and median sample, ESS, evaluations per direction, directions,
+        selected); empty when the map does not depend on eps. None with a numeric eps.
 
     Examples
     --------
@@ -166,7 +209,7 @@ class LocalVolumeEstimator(BaseEstimator):
         ],
         "n_samples": [Interval(Integral, 1, None, closed="left")],
         "cost": [StrOptions(set(COSTS)), callable],
-        "output": [StrOptions({"auto", "logits", "probabilities", "log_probabilities"})],
+        "output": [StrOptions({"auto", *OUTPUT_KINDS})],
         "sigma": [
             Interval(Real, 0, None, closed="neither"),
             StrOptions({"auto", "init"}),
@@ -180,9 +223,11 @@ class LocalVolumeEstimator(BaseEstimator):
         "rtol": [Interval(Real, 0, 1, closed="neither")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "data_batch_size": [None, Interval(Integral, 1, None, closed="left")],
+        "evaluation": [StrOptions(set(EVALUATIONS))],
         "device": [StrOptions({"auto"}), str, torch.device],
         "random_state": ["random_state"],
         "n_jobs": [None, Integral],
+        "n_threads": [None, Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "verbose": ["verbose"],
     }
 
@@ -197,14 +242,16 @@ class LocalVolumeEstimator(BaseEstimator):
         output="auto",
         sigma="auto",
         bounds="init",
-        preconditioner_eps=1e-3,
+        preconditioner_eps="auto",
         preconditioner_exponent=0.5,
         rtol=1e-3,
         batch_size=None,
         data_batch_size=None,
+        evaluation="auto",
         device="auto",
         random_state=None,
         n_jobs=None,
+        n_threads="auto",
         verbose=0,
     ):
         self.cutoff = cutoff
@@ -220,9 +267,11 @@ class LocalVolumeEstimator(BaseEstimator):
         self.rtol = rtol
         self.batch_size = batch_size
         self.data_batch_size = data_batch_size
+        self.evaluation = evaluation
         self.device = device
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.n_threads = n_threads
         self.verbose = verbose
 
     def __sklearn_tags__(self):
@@ -236,6 +285,9 @@ class LocalVolumeEstimator(BaseEstimator):
     # ---------------------------------------------------------------------------------- fitting
     def fit(self, model, X, y=None, *, optimizer=None, attention_mask=None):
         """Record the anchor θ and its outputs on X, then estimate the neighbourhood's measure.
+
+        A fit that raises (or is interrupted) leaves the estimator as it was before the call:
+        its previous fit, or unfitted.
 
         Parameters
         ----------
@@ -264,27 +316,31 @@ class LocalVolumeEstimator(BaseEstimator):
         >>> est.fit(net, X).sample_log_volumes_.shape
         (8,)
         """
-        return self._fit(model, X, y, self.n_samples, optimizer, attention_mask)
-
-    def _fit(self, model, X, y, n_samples, optimizer, attention_mask):
         self._validate_params()
         self._check_values()
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]:
-            delattr(self, attr)
-        self._problem = None
-        self.seed_ = self._base_seed()
-        auto = isinstance(self.preconditioner_eps, str)  # "auto": pilot over EPS_GRID
-        eps = EPS_GRID[0] if auto else float(self.preconditioner_eps)
-        problem = self._prepare(model, X, y, optimizer, attention_mask, n_samples, eps)
-        self.eps_pilot_ = None
-        if auto:
-            eps, self.eps_pilot_, problem = select_eps(
-                problem, n_directions=min(32, n_samples), random_state=self.seed_
-            )
-        self.preconditioner_eps_ = eps  # None: P does not depend on eps (naive)
-        self._records = self._estimate(problem, range(n_samples))
-        self._fingerprint = self._fingerprint_of(problem)
-        self._finish(problem)
+        with fit_threads(self.n_threads, model):
+            return self._fit(model, X, y, self.n_samples, optimizer, attention_mask)
+
+    def _fit(self, model, X, y, n_samples, optimizer, attention_mask):
+        seed = base_seed(self.random_state)
+        progress = self._progress(n_samples)
+        try:
+            result = pipeline.fit(model, X, y, self._settings(), eps=self.preconditioner_eps,
+                                  n_samples=n_samples, seed=seed, optimizer=optimizer,
+                                  attention_mask=attention_mask, n_jobs=self.n_jobs,
+                                  progress=progress)
+            fitted = self._fitted_state(result.problem, result.records)
+        finally:
+            if progress is not None:
+                progress.close()
+        fitted.update(
+            seed_=seed,
+            eps_pilot_=result.eps_table,
+            preconditioner_eps_=result.eps,  # None: P does not depend on eps (naive)
+            n_pilot_evaluations_=result.pilot_evaluations,
+            _question=self._question_of(result.problem, y),
+        )
+        self._replace_fitted_state(fitted)
         return self
 
     def partial_fit(self, model, X, y=None, *, n_samples=None, optimizer=None,
@@ -292,8 +348,12 @@ class LocalVolumeEstimator(BaseEstimator):
         """Add ``n_samples`` directions (default: the ``n_samples`` parameter) to the estimate.
 
         With the same ``random_state``, ``fit`` with k = 200 equals ``fit`` with k = 100
-        followed by ``partial_fit(n_samples=100)``, sample for sample. A model or X other than
-        the fitted ones raises ValueError.
+        followed by ``partial_fit(n_samples=100)``, sample for sample. Only the same question
+        can be extended: a model, X, y or any parameter (other than ``n_samples``, ``n_jobs``,
+        ``n_threads``, ``verbose``, ``batch_size``, ``evaluation`` (rounding only) and
+        ``random_state``, whose seed is kept in ``seed_``) different from the fitted ones
+        raises ValueError; call ``fit`` to start a new estimate. On an unfitted estimator it is
+        ``fit`` with ``n_samples`` directions.
 
         Returns
         -------
@@ -313,54 +373,68 @@ class LocalVolumeEstimator(BaseEstimator):
         True
         """
         extra = self.n_samples if n_samples is None else n_samples
-        if not isinstance(extra, Integral) or extra < 1:
+        if not isinstance(extra, Integral) or isinstance(extra, bool) or extra < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        self._validate_params()
+        self._check_values()
+        with fit_threads(self.n_threads, model):
+            return self._partial_fit(model, X, y, int(extra), optimizer, attention_mask)
+
+    def _partial_fit(self, model, X, y, extra, optimizer, attention_mask):
         if not hasattr(self, "log_volume_"):
             return self._fit(model, X, y, int(extra), optimizer, attention_mask)
-        self._validate_params()
-        eps = EPS_GRID[0] if self.preconditioner_eps_ is None else self.preconditioner_eps_
-        problem = self._prepare(model, X, y, optimizer, attention_mask, int(extra), eps)
-        if self._fingerprint_of(problem) != self._fingerprint:
+        changed = [name for name, value in self._params_fingerprint().items()
+                   if self._question["params"].get(name) != value]
+        if changed:
             raise ValueError(
-                "partial_fit got a different model or different X than fit: an estimate can "
-                "only be extended on the same anchor and data. Call fit to start a new one."
+                f"partial_fit: parameter(s) {changed} changed since fit (set_params); an "
+                "estimate can only be extended with the question it answers. Call fit to start "
+                "a new estimate."
             )
-        start = len(self._records["index"])
-        new = self._estimate(problem, range(start, start + extra))
-        self._records = {k: np.concatenate([self._records[k], new[k]]) for k in new}
-        self._finish(problem)
+
+        def same_anchor(problem):
+            if self._question["data"] != self._data_fingerprint(problem, y):
+                raise ValueError(
+                    "partial_fit got a different model, X or y than fit: an estimate can only "
+                    "be extended on the same anchor and data. Call fit to start a new one."
+                )
+
+        eps = EPS_GRID[0] if self.preconditioner_eps_ is None else self.preconditioner_eps_
+        first = len(self._records)
+        progress = self._progress(int(extra))
+        try:
+            result = pipeline.fit(model, X, y, self._settings(), eps=eps, n_samples=int(extra),
+                                  seed=self.seed_, first=first, optimizer=optimizer,
+                                  attention_mask=attention_mask, n_jobs=self.n_jobs,
+                                  progress=progress, check=same_anchor)
+            records = DirectionRecords.concatenate([self._records, result.records])
+            fitted = self._fitted_state(result.problem, records)
+        finally:
+            if progress is not None:
+                progress.close()
+        fitted.update(n_pilot_evaluations_=result.pilot_evaluations)
+        for name, value in fitted.items():
+            setattr(self, name, value)
         return self
 
-    def _estimate(self, problem, indices):
-        """Run directions ``indices``, split over ``n_jobs`` joblib workers when asked.
-
-        Direction i depends only on (seed, i), so the records are identical whatever the
-        number of workers or the backend (``joblib.parallel_config`` chosen by the user wins).
-        """
-        indices = np.asarray(list(indices), dtype=np.int64)
-        # where every radius search starts: a pilot that depends on the problem and the seed
-        # only (computed once, here, not in each worker)
-        start = calibrate_search(problem, self.seed_)
-        self.n_pilot_evaluations_ = start.evaluations
-        workers = min(effective_n_jobs(self.n_jobs), indices.size)
-        if workers <= 1:
-            return estimate_directions(problem, indices, self.seed_,
-                                       progress=self._progress(indices.size), start=start)
-        chunks = np.array_split(indices, workers)
-        parts = Parallel(n_jobs=self.n_jobs)(
-            delayed(estimate_directions)(problem, chunk, self.seed_, start=start)
-            for chunk in chunks
+    def _settings(self) -> pipeline.Settings:
+        return pipeline.Settings(
+            cost=self.cost,
+            output=self.output,
+            cutoff=float(self.cutoff),
+            rtol=float(self.rtol),
+            measure=resolve_measure(self.measure, sigma=self.sigma, bounds=self.bounds),
+            preconditioner=resolve_preconditioner(self.preconditioner),
+            exponent=self.preconditioner_exponent,
+            device=self._device(),
+            batch_size=self.batch_size,
+            data_batch_size=self.data_batch_size,
+            evaluation=self.evaluation,
         )
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _check_values(self):
         if not np.isfinite(self.cutoff):
             raise ValueError(f"cutoff must be a finite number > 0, got {self.cutoff!r}")
-
-    def _base_seed(self):
-        if isinstance(self.random_state, Integral):
-            return int(self.random_state)
-        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
     def _device(self):
         if isinstance(self.device, str) and self.device == "auto":
@@ -370,83 +444,43 @@ class LocalVolumeEstimator(BaseEstimator):
     def _progress(self, total):
         if not self.verbose:
             return None
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # import time: only with verbose
 
         return tqdm(total=total, desc="directions", leave=False)
 
-    def _prepare(self, model, X, y, optimizer, attention_mask, n_directions, eps):
-        batches = batch_y = None
-        if isinstance(X, torch.utils.data.DataLoader):
-            if y is not None or attention_mask is not None:
-                raise ValueError(
-                    "X is a DataLoader: its batches carry the labels and masks; pass y=None "
-                    "and attention_mask=None"
-                )
-            batches, batch_y = batches_from_loader(X)
-            X = None
-        resolved = resolve_model(model, X)
-        X = _as_input(resolved.X) if batches is None else None
-        output = resolved.output if self.output == "auto" else self.output
-        if y is not None:
-            y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-            if y.shape[0] != _n_examples(X):
-                raise ValueError(
-                    f"y has {y.shape[0]} entries but X has {_n_examples(X)} examples"
-                )
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(np.asarray(attention_mask))
-        optimizer = optimizer if optimizer is not None else resolved.optimizer
-        return prepare_problem(
-            resolved.module,
-            X,
-            cost=self.cost,
-            output=output,
-            cutoff=self.cutoff,
-            rtol=self.rtol,
-            measure=resolve_measure(self.measure, sigma=self.sigma, bounds=self.bounds),
-            preconditioner=resolve_preconditioner(self.preconditioner),
-            eps=eps,
-            exponent=self.preconditioner_exponent,
-            device=self._device(),
-            batch_size=self.batch_size,
-            n_directions=n_directions,
-            y=y,
-            attention_mask=attention_mask,
-            optimizer=optimizer,
-            random_state=self.seed_,
-            data_batch_size=self.data_batch_size,
-            batches=batches,
-            batch_y=batch_y,
-        )
+    # the question a fit answers: partial_fit may only extend the same one
+    _NOT_IN_QUESTION = ("n_samples", "n_jobs", "n_threads", "verbose", "batch_size",
+                        "random_state", "evaluation")  # evaluation: rounding only
+
+    def _params_fingerprint(self) -> dict:
+        return {name: fingerprint(value) for name, value in self.get_params(deep=False).items()
+                if name not in self._NOT_IN_QUESTION}
 
     @staticmethod
-    def _fingerprint_of(problem):
-        h = hashlib.sha256()
-        h.update(problem.evaluator.theta.cpu().numpy().tobytes())
+    def _data_fingerprint(problem, y) -> str:
+        ev = problem.evaluator
+        data = [(batch.X, batch.kwargs) for batch in ev.batches]
+        labels = None if y is None else torch.as_tensor(np.asarray(y) if not isinstance(
+            y, torch.Tensor) else y)
+        return fingerprint(AsFloat64(ev.theta), data, labels)
 
-        def feed(value):
-            if isinstance(value, torch.Tensor):
-                # raw bytes, so that dtypes NumPy lacks (bfloat16) hash too
-                raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                h.update(str(value.dtype).encode() + raw.numpy().tobytes())
-            elif isinstance(value, dict):
-                for k in sorted(value):
-                    feed(value[k])
-            elif isinstance(value, (tuple, list)):
-                for v in value:
-                    feed(v)
+    def _question_of(self, problem, y) -> dict:
+        return {"params": self._params_fingerprint(), "data": self._data_fingerprint(problem, y)}
 
-        for batch in problem.evaluator.batches:
-            feed(batch.X)
-            feed(batch.kwargs)
-        return h.hexdigest()
+    def _replace_fitted_state(self, fitted: dict):
+        """Drop the previous fit's attributes and set the new ones (only once all succeeded)."""
+        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]:
+            delattr(self, attr)
+        for name, value in fitted.items():
+            setattr(self, name, value)
 
-    def _finish(self, problem):
-        """Set the fitted attributes from the per-direction records."""
-        rec = self._records
-        space = problem.evaluator.space
-        log_volume = aggregate_log_volume(rec["log_volume"])
-        if np.isneginf(log_volume) and not problem.is_probability:
+    def _fitted_state(self, problem, records) -> dict:
+        """The fitted attributes from the per-direction records (warns; raises on an empty
+        neighbourhood). ``problem``: the Problem, or the ``pipeline.ProblemSummary`` of one
+        prepared in worker processes (then no model is kept for ``score(X)``)."""
+        summary = pipeline.summarise(problem)
+        log_volume = aggregate_log_volume(records.log_volume)
+        if np.isneginf(log_volume) and not summary.is_probability:
             raise ValueError("every direction has zero radius; the neighbourhood is empty")
         if np.isneginf(log_volume):
             raise ValueError(
@@ -454,52 +488,108 @@ class LocalVolumeEstimator(BaseEstimator):
                 "box, or every ray crosses the cutoff before entering it). Widen the prior "
                 "(bounds/sigma) or center it on the anchor (mean)."
             )
-        self._problem = problem
-        self.n_parameters_ = space.n
-        self.flat_parameters_ = space.coordinate_names(problem.flat)
-        self.sample_log_volumes_ = rec["log_volume"].astype(np.float64)
-        self.radii_ = rec["radius"].astype(np.float64)
-        self.n_evaluations_ = int(rec["evaluations"].sum())
-        self.effective_sample_size_ = effective_sample_size(self.sample_log_volumes_)
-        if not problem.is_probability:
-            unbounded = int(np.isposinf(self.radii_).sum())
+        flat_names = list(summary.flat_names)
+        radii = records.radius.copy()
+        if not summary.is_probability:
+            unbounded = int(np.isposinf(radii).sum())
             if unbounded:
                 warnings.warn(
-                    f"{unbounded} of {self.radii_.size} directions never reached the cutoff "
+                    f"{unbounded} of {radii.size} directions never reached the cutoff "
                     "(a flat direction): the Lebesgue volume is infinite. Use a probability "
                     "measure (gaussian, uniform) for a finite answer.",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-            if problem.flat.size:
-                names = ", ".join(self.flat_parameters_[:10])
-                more = "" if problem.flat.size <= 10 else f" and {problem.flat.size - 10} more"
+            if flat_names:
+                names = ", ".join(flat_names[:10])
+                more = "" if len(flat_names) <= 10 else f" and {len(flat_names) - 10} more"
                 warnings.warn(
-                    f"{problem.flat.size} parameter(s) cannot change the outputs on X ({names}"
+                    f"{len(flat_names)} parameter(s) cannot change the outputs on X ({names}"
                     f"{more}): the neighbourhood is a cylinder of infinite Lebesgue volume. Under "
                     "a gaussian or uniform prior they are integrated out exactly.",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 log_volume = np.inf
-        self.log_volume_ = float(log_volume)
-        self.log10_volume_ = to_log10(self.log_volume_)
-        self.bits_ = to_bits(self.log_volume_) if problem.is_probability else None
-        frame = pd.DataFrame(
-            {
-                "direction": rec["index"].astype(np.int64),
-                "log_volume": self.sample_log_volumes_,
-                "radius": self.radii_,
-                "cost_at_radius": rec["cost_at_radius"],
-                "log_weight": rec["log_weight"],
-                "log_radial_integral": rec["log_radial_integral"],
-                "evaluations": rec["evaluations"].astype(np.int64),
-                "status": pd.Categorical(
-                    [STATUS[int(s)] for s in rec["status"]], categories=list(STATUS.values())
-                ),
-            }
+        log_volume = float(log_volume)
+        sample_log_volumes = records.log_volume.copy()
+        ess = effective_sample_size(sample_log_volumes)
+        if sample_log_volumes.size >= ESS_WARNING_MIN_SAMPLES and ess < ESS_WARNING_BELOW:
+            warnings.warn(
+                f"one direction carries {top_sample_share(sample_log_volumes):.0%} of the "
+                f"estimate (effective sample size {ess:.2f} of {sample_log_volumes.size}): "
+                "read log_volume_ as a lower bound driven by the best direction (it is "
+                "unbiased, but typical estimates fall below the truth). More directions or a "
+                "better preconditioner raise it; results_frame() has the diagnostics.",
+                LowEffectiveSampleSizeWarning,
+                stacklevel=4,
+            )
+        return {
+            "_records": records,
+            # the private copy of the model and its data, for score(X); nothing else of the
+            # problem (a bound preconditioner can hold an n × n matrix) is kept
+            "_evaluator": getattr(problem, "evaluator", None),
+            "n_parameters_": summary.n_parameters,
+            "flat_parameters_": flat_names,
+            "sample_log_volumes_": sample_log_volumes,
+            "radii_": radii,
+            "n_evaluations_": int(records.evaluations.sum()),
+            "effective_sample_size_": ess,
+            "top_sample_share_": top_sample_share(sample_log_volumes),
+            "log_volume_": log_volume,
+            "log10_volume_": to_log10(log_volume),
+            "bits_": to_bits(log_volume) if summary.is_probability else None,
+            "samples_": records.to_frame(),
+        }
+
+    # ------------------------------------------- fits computed elsewhere (sharded over workers)
+    # volsk.sweeps.fit_sharded prepares the problem and runs the directions in worker processes.
+    # These two hooks are its only way into the estimator: partial_fit's question check, and
+    # the finishing code of fit/partial_fit applied to the merged per-direction records.
+
+    def _check_extension(self, data_fingerprint=None):
+        """Raise ValueError unless directions answering ``data_fingerprint`` (the
+        ``_data_fingerprint`` of the problem prepared elsewhere; None: not known yet) with the
+        current parameters may be added to this fit: ``partial_fit``'s rule."""
+        changed = [name for name, value in self._params_fingerprint().items()
+                   if self._question["params"].get(name) != value]
+        if changed:
+            raise ValueError(
+                f"parameter(s) {changed} changed since the estimate was fitted (set_params); "
+                "an estimate can only be extended with the question it answers. Fit anew."
+            )
+        if data_fingerprint is not None and self._question["data"] != data_fingerprint:
+            raise ValueError(
+                "a different model, X or y than the fitted estimate's: an estimate can only be "
+                "extended on the same anchor and data. Fit anew."
+            )
+
+    def _from_records(self, summary, records, *, seed, eps, eps_table, pilot_evaluations,
+                      data_fingerprint, extend=False):
+        """Set the fitted state from per-direction records computed outside ``fit``.
+
+        ``summary`` is the ``pipeline.ProblemSummary`` of the problem the records answer,
+        ``records`` the directions 0 … k − 1 in order (with ``extend``: this fit's records
+        followed by the new ones, after ``_check_extension``), ``seed``, ``eps``,
+        ``eps_table`` and ``pilot_evaluations`` what ``pipeline.fit`` would have returned.
+        The result is what ``fit`` (``partial_fit`` with ``extend``) sets from the same
+        records, except that no model is kept (``score(X)`` needs a ``fit``). Returns self.
+        """
+        fitted = self._fitted_state(summary, records)
+        fitted.update(n_pilot_evaluations_=pilot_evaluations)
+        if extend:
+            fitted.pop("_evaluator")  # a model kept by an earlier fit still answers score(X)
+            for name, value in fitted.items():
+                setattr(self, name, value)
+            return self
+        fitted.update(
+            seed_=seed,
+            eps_pilot_=eps_table,
+            preconditioner_eps_=eps,
+            _question={"params": self._params_fingerprint(), "data": data_fingerprint},
         )
-        self.samples_ = frame
+        self._replace_fitted_state(fitted)
+        return self
 
     # ---------------------------------------------------------------------------------- results
     def log_volume_lower_bound(self, confidence=0.95):
@@ -538,17 +628,28 @@ class LocalVolumeEstimator(BaseEstimator):
         check_is_fitted(self, "log_volume_")
         if X is None:
             return self.log_volume_
-        problem = getattr(self, "_problem", None)
-        if problem is None:
+        evaluator = getattr(self, "_evaluator", None)
+        if evaluator is None:
             raise ValueError(
                 "score(X) needs the fitted model, which is not kept when the estimator is "
                 "pickled; call fit(model, X) again"
             )
-        other = clone_with_data(self, problem, X, y)
-        return other.log_volume_
+        other = clone(self)
+        eps = self.preconditioner_eps if self.preconditioner_eps_ is None else (
+            self.preconditioner_eps_)
+        other.set_params(random_state=self.seed_, n_samples=self.sample_log_volumes_.size,
+                         preconditioner_eps=eps)
+        return other.fit(evaluator.module, X, y).log_volume_
 
     def results_frame(self):
         """A one-row DataFrame of the estimate and its diagnostics (for tables and sweeps).
+
+        Besides the estimate and the Markov ``lower_bound`` (95 %), it says how much the
+        estimate rests on its best direction: ``ess`` (Kish's effective sample size),
+        ``top_sample_share`` (the fraction of µ̂ from the largest sample) and a 90 % percentile
+        bootstrap interval of the aggregate over the directions drawn (``bootstrap_low``,
+        ``bootstrap_high``; too narrow when ESS ≈ 1 — see
+        :func:`volsk.results.bootstrap_interval`).
 
         Examples
         --------
@@ -561,6 +662,9 @@ class LocalVolumeEstimator(BaseEstimator):
         ['log_volume', 'log10_volume', 'bits', 'lower_bound']
         """
         check_is_fitted(self, "log_volume_")
+        import pandas as pd  # import time: pandas is needed only for tables
+
+        low, high = bootstrap_interval(self.sample_log_volumes_, 0.9, seed=self.seed_)
         return pd.DataFrame(
             [
                 {
@@ -576,79 +680,14 @@ class LocalVolumeEstimator(BaseEstimator):
                     / max(1, self.sample_log_volumes_.size),
                     "max_sample": float(np.max(self.sample_log_volumes_)),
                     "median_sample": float(np.median(self.sample_log_volumes_)),
+                    "top_sample_share": self.top_sample_share_,
+                    "bootstrap_low": low,
+                    "bootstrap_high": high,
                 }
             ]
         )
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_problem", None)  # holds a model copy: never pickled with the results
+        state.pop("_evaluator", None)  # a model copy: never pickled with the results
         return state
-
-
-def clone_with_data(est, problem, X, y):
-    """Estimate on new X around the stored anchor (private helper of ``score``)."""
-    from sklearn.base import clone
-
-    other = clone(est)
-    eps = est.preconditioner_eps if est.preconditioner_eps_ is None else est.preconditioner_eps_
-    other.set_params(random_state=est.seed_, n_samples=est.sample_log_volumes_.size,
-                     preconditioner_eps=eps)
-    return other.fit(problem.evaluator.module, X, y)
-
-
-def _as_input(X):
-    """Check X (non-empty, finite) and turn it into tensors; dicts/tuples of arrays allowed."""
-    if isinstance(X, dict):
-        return {k: _as_input(v) for k, v in X.items()}
-    if isinstance(X, tuple):
-        return tuple(_as_input(v) for v in X)
-    if not isinstance(X, torch.Tensor):
-        try:
-            arr = np.asarray(X)
-        except Exception as exc:  # noqa: BLE001 - any conversion failure is a bad X
-            raise TypeError(f"X must be an array-like or a torch.Tensor ({exc})") from None
-        if arr.dtype == object:
-            raise TypeError("X must be a numeric array-like or a torch.Tensor")
-        X = torch.as_tensor(arr.astype(np.float32) if arr.dtype == np.float64 else arr)
-    if X.ndim == 0 or X.shape[0] == 0:
-        raise ValueError(f"X must hold at least one example, got shape {tuple(X.shape)}")
-    if torch.is_floating_point(X) and not torch.isfinite(X).all():
-        raise ValueError("X contains NaN or infinite values")
-    return X
-
-
-def batches_from_loader(loader):
-    """Materialise a DataLoader's batches once (CPU tensors) so every evaluation sees the same
-    data: items are tensors, ``(x, y)`` pairs or dicts (Hugging Face style; ``"labels"`` is
-    taken as y, ``"attention_mask"`` is passed to the model and masks the cost)."""
-    from ._evaluate import DataBatch
-
-    batches, ys = [], []
-    for item in loader:
-        y = None
-        if isinstance(item, dict):
-            item = dict(item)
-            y = item.pop("labels", None)
-            x = {k: _as_input(v) for k, v in item.items()}
-        elif isinstance(item, (tuple, list)):
-            x = _as_input(item[0])
-            y = item[1] if len(item) > 1 else None
-        else:
-            x = _as_input(item)
-        n = _n_examples(x)
-        batches.append(DataBatch(x, {}, n))
-        ys.append(None if y is None else torch.as_tensor(y))
-    if not batches:
-        raise ValueError("X is an empty DataLoader: it must yield at least one batch")
-    if any(v is None for v in ys) and not all(v is None for v in ys):
-        raise ValueError("the DataLoader yields labels for some batches and not for others")
-    return batches, ys
-
-
-def _n_examples(X):
-    if isinstance(X, dict):
-        return int(next(iter(X.values())).shape[0])
-    if isinstance(X, tuple):
-        return int(X[0].shape[0])
-    return int(X.shape[0])

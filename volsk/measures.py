@@ -1,9 +1,10 @@
 """Measures on parameter space: Lebesgue volume, Gaussian and uniform (box) priors.
 
 Each measure reduces, along a ray θ + r·u, to a one-dimensional radial integral
-I(u) = ∫_0^R ρ(θ + r u) r^{n-1} dr (DESIGN §1). A measure object is bound to the anchor with
-:meth:`bind`, which returns an object that computes per-direction coefficients (reductions over
-the parameter vector, float64) and the log radial integral from them.
+I(u) = ∫_0^R ρ(θ + r u) r^{n-1} dr (the user guide's method page derives it). A measure object
+is bound to the anchor with :meth:`bind`, which returns an object that computes per-direction
+coefficients (reductions over the parameter vector, float64) and the log radial integral from
+them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ._math import (
     log_gaussian_radial_integral,
     log_uniform_radial_integral,
 )
+from ._measure_sums import NoSums, StreamedGaussian, StreamedUniform, rms
 
 __all__ = ["Lebesgue", "Gaussian", "Uniform", "MeasureContext", "resolve_measure"]
 
@@ -29,13 +31,17 @@ class MeasureContext:
 
     ``theta`` (n,) float64, ``mask`` (n,) bool of the coordinates directions move in (flat
     coordinates integrated out are False), ``space`` the :class:`~volsk._evaluate.ParameterSpace`,
-    ``module`` the evaluator's private copy of the model (never the user's).
+    ``module`` the evaluator's private copy of the model (never the user's). ``streamed``:
+    the directions are implicit (the large-model evaluator): ``theta`` is in the model's dtype
+    and the bound measure reduces each direction block by block (see
+    :mod:`volsk._measure_sums`).
     """
 
     theta: torch.Tensor
     mask: torch.Tensor
     space: object = None
     module: object = None
+    streamed: bool = False
 
 
 def _per_parameter(value, name, ctx, *, positive=True):
@@ -96,7 +102,7 @@ class Lebesgue:
     name = "lebesgue"
 
     def bind(self, ctx: MeasureContext):
-        return _BoundLebesgue(int(ctx.mask.sum()))
+        return _BoundLebesgue(int(torch.count_nonzero(ctx.mask)))
 
     def __repr__(self):
         return "Lebesgue()"
@@ -109,6 +115,9 @@ class _BoundLebesgue:
 
     def ray_coefficients(self, U):
         return {}
+
+    def coefficient_reducer(self):
+        return NoSums()
 
     def search_limit(self, coef, batch):
         return np.full(batch, np.inf)
@@ -134,6 +143,30 @@ def _resolve_mean(measure, ctx, init_kind, spread_is_init):
             raise ValueError(f'mean must be a float, an array, a dict, "auto" or "init"; got '
                              f"{mean!r}")
     return _per_parameter(mean, "mean", ctx, positive=False)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, (str, dict)) and np.ndim(value) == 0
+
+
+def _number(value, name, *, positive=True) -> float:
+    """One number for every parameter, checked as :func:`_per_parameter` checks a vector."""
+    out = float(np.asarray(value, dtype=np.float64))
+    if not math.isfinite(out):
+        raise ValueError(f"{name} contains NaN or infinite entries")
+    if positive and out <= 0:
+        raise ValueError(f"{name} must be > 0 everywhere, got min {out}")
+    return out
+
+
+def _streamed_mean(measure, ctx, spread_is_init, init_kind):
+    """The centre for a streamed bound measure: a float when it is one number."""
+    mean = measure.mean
+    if isinstance(mean, str) and mean == "auto" and not spread_is_init:
+        return 0.0
+    if _is_number(mean):
+        return _number(mean, "mean", positive=False)
+    return _resolve_mean(measure, ctx, init_kind, spread_is_init)
 
 
 def _short(v):
@@ -194,6 +227,17 @@ class Gaussian:
         return _resolve_mean(self, ctx, "gaussian", self._sigma_is_init())
 
     def bind(self, ctx: MeasureContext):
+        if ctx.streamed:
+            if _is_number(self.sigma):
+                sigma = _number(self.sigma, "sigma")
+            elif isinstance(self.sigma, str) and self.sigma == "auto":
+                sigma = rms(ctx.theta)
+                if not sigma > 0:
+                    raise ValueError('sigma="auto" needs a non-zero anchor; pass sigma explicitly')
+            else:
+                sigma = self.resolve_sigma(ctx)
+            return StreamedGaussian(ctx.theta, ctx.mask, sigma,
+                                    _streamed_mean(self, ctx, self._sigma_is_init(), "gaussian"))
         sigma = self.resolve_sigma(ctx)
         mean = self.resolve_mean(ctx)
         m = ctx.mask
@@ -201,7 +245,7 @@ class Gaussian:
 
 
 class _BoundGaussian:
-    """Along a ray the exponent is −½(a r² + 2 b r + c) (DESIGN §1)."""
+    """Along a ray the exponent is −½(a r² + 2 b r + c): a = Σ u²/σ², b = Σ u (θ − m)/σ²."""
 
     def __init__(self, theta, sigma, mean):
         self.n = theta.numel()
@@ -280,6 +324,12 @@ class Uniform:
         return _resolve_mean(self, ctx, "uniform", self._bounds_is_init())
 
     def bind(self, ctx: MeasureContext):
+        if ctx.streamed:
+            half = (_number(self.bounds, "bounds") if _is_number(self.bounds)
+                    else self.resolve_bounds(ctx))
+            return StreamedUniform(ctx.theta, ctx.mask,
+                                   _streamed_mean(self, ctx, self._bounds_is_init(), "uniform"),
+                                   half)
         half = self.resolve_bounds(ctx)
         mean = self.resolve_mean(ctx)
         m = ctx.mask

@@ -39,13 +39,24 @@ From spread to prior
     largest draw: the sample maximum would be slightly short of b for a uniform init and would
     grow with the number of draws for a Gaussian one.
 
-The user's model is never touched: a copy is re-initialised, and the global random number
-generators are restored afterwards.
+The user's model is never touched: a copy is re-initialised.
+
+Thread safety
+    The prior is a pure function of (model, ``seed``). Every random draw of the
+    re-initialisations (``torch.nn.init``, ``Tensor.uniform_``, ``torch.randn``, ...) is routed
+    to generators of the prior's own, seeded as listed above, by a dispatch mode that is local
+    to the computing thread: priors computed in concurrent threads are those computed one at a
+    time, and torch's global generators are neither read nor advanced — other threads' draws
+    are unaffected and the caller's generator states (CPU and CUDA) stay as they were. The
+    values are those of seeding torch's global CPU generator instead (the draws are the same
+    kernels on the same stream). Exception: the few random kernels that take no generator at
+    all (dropout, recurrent layers, fused attention — not initialisation code) draw from the
+    global generator of their device with its state swapped for the prior's and restored,
+    under a process-wide lock, for the duration of that one kernel.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import warnings
@@ -53,6 +64,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ._private_copy import computed_name, deep_copy
+from ._private_draws import PrivateDraws
 
 __all__ = ["InitPrior", "InitPriorWarning", "init_prior", "init_spread"]
 
@@ -137,9 +151,10 @@ def _clear_hf_flags(module):
             delattr(obj, "_is_hf_initialized")
 
 
-def _run_reset(module, reset):
+def _run_reset(module, reset, rng):
     try:
-        reset()
+        with rng:  # only the reset's own ops pay for the routing
+            reset()
     except Exception as exc:  # noqa: BLE001 - any failure of user init code is reported the same way
         raise ValueError(
             f'"init" prior: re-initialising {type(module).__name__} failed ({exc!r}). Pass the '
@@ -248,7 +263,7 @@ def init_prior(module, kind="gaussian", *, names=None, seed=0, min_values=20_000
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if names is None:
         names = [k for k, p in module.named_parameters() if p.requires_grad]
-    work = copy.deepcopy(module).to("cpu")
+    work = deep_copy(module).to("cpu")
     _clear_hf_flags(work)
     params = dict(work.named_parameters())
     missing = [k for k in names if k not in params]
@@ -262,20 +277,31 @@ def init_prior(module, kind="gaussian", *, names=None, seed=0, min_values=20_000
         subtree.append([of_tensor[id(p)] for p in m.parameters() if id(p) in of_tensor])
 
     owner = {}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    rng = PrivateDraws()  # this thread's random draws, from generators of the prior's own
+    with torch.no_grad():
         for k in names:
             params[k].fill_(math.nan)
         # first pass: every reset in construction order; the last one to change a tensor owns it
-        torch.default_generator.manual_seed(_draw_seed(seed, -1, 0))
+        rng.manual_seed(_draw_seed(seed, -1, 0))
         for i, (m, reset) in enumerate(plan):
             if reset is None or not subtree[i]:
                 continue
             before = [params[k].clone() for k in subtree[i]]
-            _run_reset(m, reset)
+            _run_reset(m, reset, rng)
             for k, old in zip(subtree[i], before, strict=True):
                 if not _same(old, params[k]):
                     owner[k] = i
         unset = [k for k in names if k not in owner or torch.isnan(params[k]).any()]
+        derived = [k for k in unset if _weight_computed_from(work, k)]
+        if derived:
+            raise ValueError(
+                f'"init" prior: the parameters {derived} are the originals a computed weight '
+                "is derived from (weight normalisation's g and v, a parametrization's "
+                "originals, spectral normalisation or pruning); the module's initialisation "
+                "writes the weight itself, not them, so their initial distribution is not "
+                "known. Pass the prior explicitly: a float, an array, or a {parameter name: "
+                "value} dict (volsk.priors.init_prior(model, names=...) gives the others)."
+            )
         if unset:
             raise ValueError(
                 f'"init" prior: no initialisation code writes the parameters {unset} (their '
@@ -295,11 +321,11 @@ def init_prior(module, kind="gaussian", *, names=None, seed=0, min_values=20_000
             size = max(1, sum(p.numel() for p in plan[i][0].parameters()))
             copies = 2
             draw = 1
-            torch.default_generator.manual_seed(_draw_seed(seed, i, 1))
+            rng.manual_seed(_draw_seed(seed, i, 1))
             while draw < copies:
                 for j in members:
                     if plan[j][1] is not None and subtree[j]:
-                        _run_reset(plan[j][0], plan[j][1])
+                        _run_reset(plan[j][0], plan[j][1], rng)
                 for k in owned:
                     stats[k].add(params[k])
                 if draw == 1:
@@ -356,6 +382,18 @@ def init_prior(module, kind="gaussian", *, names=None, seed=0, min_values=20_000
     draws = {k: stats[k].count for k in names}
     return InitPrior(kind=kind, mean=mean, spread={k: spread[k] for k in names},
                      constant=constant, floor=float(floor) if constant else math.nan, draws=draws)
+
+
+def _weight_computed_from(module, name):
+    """Whether parameter ``name`` is an original that a computed weight is derived from
+    (volsk._private_copy lists the kinds)."""
+    path, _, leaf = name.rpartition(".")
+    if ".parametrizations." in f".{path}.":
+        return True
+    owner = module.get_submodule(path) if path else module
+    computed = [*owner.__dict__.get("_volsk_computed", ()),
+                *(computed_name(hook) for hook in owner._forward_pre_hooks.values())]
+    return any(c is not None and leaf != c and leaf.startswith(c) for c in computed)
 
 
 def _same(old, new):

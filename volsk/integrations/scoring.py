@@ -10,8 +10,9 @@ a larger neighbourhood is a simpler network (fewer nats of information content).
 
 from __future__ import annotations
 
-from .estimator import LocalVolumeEstimator
-from .results import log_lower_bound
+from ..costs import resolve_cost
+from ..estimator import LocalVolumeEstimator
+from ..results import check_confidence, log_lower_bound
 
 __all__ = ["VolumeScorer", "make_volume_scorer"]
 
@@ -52,8 +53,8 @@ class VolumeScorer:
         X : array-like of shape (N, ...)
             The data the neighbourhood is defined on (raw, as the Pipeline receives it).
         y : array-like, optional
-            Passed to the estimate only when ``cost="cross_entropy"`` (the other costs do not
-            use labels).
+            Passed to the estimate only when the cost uses labels (``cost="cross_entropy"``, or
+            a callable taking ``y``).
 
         Returns
         -------
@@ -61,7 +62,7 @@ class VolumeScorer:
             The log-volume in nats (or its lower confidence bound).
         """
         est = self.estimator()
-        labels = y if est.cost == "cross_entropy" else None
+        labels = y if resolve_cost(est.cost).uses_labels else None
         est.fit(estimator, X, labels)
         if self.confidence is None:
             return float(est.log_volume_)
@@ -108,7 +109,8 @@ def make_volume_scorer(*, confidence=None, **estimator_params):
     ``NLLLoss``, logits for ``CrossEntropyLoss`` — is read from its criterion), a fitted
     :class:`~sklearn.pipeline.Pipeline` ending in one (X goes through the earlier steps
     first, so the neighbourhood is defined on what the net actually sees), or a
-    ``torch.nn.Module``. ``y`` reaches the estimate only for ``cost="cross_entropy"``.
+    ``torch.nn.Module``. ``y`` reaches the estimate only for a cost that uses labels
+    (``cost="cross_entropy"`` or a callable taking ``y``).
 
     Each call costs one volume estimate (about ``n_samples`` × 4 forward passes on X), so keep
     ``n_samples`` modest inside large searches.
@@ -119,7 +121,7 @@ def make_volume_scorer(*, confidence=None, **estimator_params):
     >>> import torch
     >>> from skorch import NeuralNetClassifier
     >>> from sklearn.model_selection import cross_validate
-    >>> from volsk.scoring import make_volume_scorer
+    >>> from volsk import make_volume_scorer
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(60, 4)).astype(np.float32)
     >>> y = (X[:, 0] > 0).astype(np.int64)
@@ -147,6 +149,6 @@ def make_volume_scorer(*, confidence=None, **estimator_params):
             f"valid names: {valid}"
         ) from None
     est._validate_params()
-    if confidence is not None and not (0.0 < float(confidence) < 1.0):
-        raise ValueError(f"confidence must be in (0, 1) or None, got {confidence!r}")
+    if confidence is not None:
+        check_confidence(confidence)
     return VolumeScorer(params, confidence=confidence)

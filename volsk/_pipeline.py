@@ -1,0 +1,494 @@
+"""The algorithm of one fit, stage by stage: problem → eps pilot → search pilot → directions.
+
+1. :func:`prepare` — what ``fit`` was given (model, X, y) becomes a bound :class:`Problem`.
+2. :func:`select_eps` — with ``preconditioner_eps="auto"``, a pilot at each eps of a grid.
+3. :func:`calibrate_search` — the search pilot: where every radius search starts.
+4. :func:`run_directions` — direction indices in blocks (split over joblib workers), each
+   block drawn, searched for its radii and integrated: per-direction records.
+
+Every stage is a pure function of the problem and the base seed, so direction i's record is
+the same whatever the batch size, the number of workers or the order in which blocks run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed, effective_n_jobs
+
+from ._inputs import as_input, batches_from_loader, n_examples, resolve_model
+from ._math import log_sphere_area
+from ._problem import Problem, prepare_problem
+from ._radius import find_radii
+from ._sampling import draw_block
+from ._seeding import EPS_PILOT_STREAM, SEARCH_PILOT_STREAM, stream_seed
+from .preconditioners import EPS_GRID, choose_eps
+from .preconditioners.selection import (
+    EPS_EXTEND,
+    EPS_REFINE,
+    EPS_TIE_NATS,
+    PILOT_COLUMNS,
+    check_eps_grid,
+)
+from .results import DirectionRecords
+
+__all__ = [
+    "Settings",
+    "FitResult",
+    "SearchStart",
+    "TAYLOR_START",
+    "prepare",
+    "fit",
+    "select_eps",
+    "calibrate_search",
+    "estimate_directions",
+    "run_directions",
+    "ProblemSummary",
+    "summarise",
+]
+
+BLOCK_BYTES = 64 << 20  # directions drawn together: their float64 matrix stays under 64 MiB
+MAX_BLOCK = 1024
+SEARCH_PILOT = 8  # directions of the search pilot (calibrate_search)
+PILOT_RTOL = 1e-2  # the pilot's radii need not be precise
+SLOPE_STEP = 1.2  # the pilot measures the log–log growth at R / SLOPE_STEP, R, SLOPE_STEP·R
+EPS_PILOT_DIRECTIONS = 8  # directions of the eps pilot per eps tried (at most n_samples)
+
+
+# --------------------------------------------------------------------------- 1. the problem
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The estimator's settings a problem is bound with (measure and preconditioner unbound).
+
+    Attributes
+    ----------
+    cost : str, callable or volsk.costs.Cost
+    output : str
+        "auto" (from the model), "logits", "probabilities" or "log_probabilities".
+    cutoff, rtol : float
+    measure : volsk.measures object
+    preconditioner : volsk.preconditioners object
+    exponent : float
+    device : torch.device
+    batch_size, data_batch_size : int or None
+    evaluation : {"auto", "vmap", "large"}
+        The evaluator (see ``volsk._evaluate_large.make_evaluator``).
+    """
+
+    cost: object
+    output: str
+    cutoff: float
+    rtol: float
+    measure: object
+    preconditioner: object
+    exponent: float
+    device: torch.device
+    batch_size: int | None = None
+    data_batch_size: int | None = None
+    evaluation: str = "auto"
+
+
+def prepare(model, X, y, settings: Settings, *, eps, n_directions, seed, optimizer=None,
+            attention_mask=None) -> Problem:
+    """Stage 1: resolve what ``fit`` was given and bind the problem (with this ``eps``)."""
+    batches = batch_y = None
+    if isinstance(X, torch.utils.data.DataLoader):
+        if y is not None or attention_mask is not None:
+            raise ValueError(
+                "X is a DataLoader: its batches carry the labels and masks; pass y=None "
+                "and attention_mask=None"
+            )
+        batches, batch_y = batches_from_loader(X)
+        X = None
+    resolved = resolve_model(model, X)
+    X = as_input(resolved.X) if batches is None else None
+    output = resolved.output if settings.output == "auto" else settings.output
+    if y is not None:
+        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        if y.shape[0] != n_examples(X):
+            raise ValueError(f"y has {y.shape[0]} entries but X has {n_examples(X)} examples")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(np.asarray(attention_mask))
+    optimizer = optimizer if optimizer is not None else resolved.optimizer
+    return prepare_problem(
+        resolved.module,
+        X,
+        cost=settings.cost,
+        output=output,
+        cutoff=settings.cutoff,
+        rtol=settings.rtol,
+        measure=settings.measure,
+        preconditioner=settings.preconditioner,
+        eps=eps,
+        exponent=settings.exponent,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        n_directions=n_directions,
+        y=y,
+        attention_mask=attention_mask,
+        optimizer=optimizer,
+        random_state=seed,
+        data_batch_size=settings.data_batch_size,
+        batches=batches,
+        batch_y=batch_y,
+        evaluation=settings.evaluation,
+    )
+
+
+# --------------------------------------------------------------- 3–4. search and directions
+
+
+@dataclass(frozen=True)
+class SearchStart:
+    """Where every direction's radius search starts (see :func:`calibrate_search`).
+
+    Attributes
+    ----------
+    radius : float or None
+        The first radius evaluated on every ray; None: start from each ray's Taylor guess.
+    slope, bend : float
+        The log–log growth of the excess cost around a crossing, log(e/ε) ≈ s·x + ½κ·x² in
+        x = log(r/R), assumed for a step from one measured point.
+    evaluations : int
+        Cost evaluations the pilot spent (its JVPs counted as one each).
+    """
+
+    radius: float | None
+    slope: float
+    bend: float
+    evaluations: int
+
+
+TAYLOR_START = SearchStart(None, 2.0, 0.0, 0)  # every search from its own Taylor guess, no pilot
+
+
+def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
+                  rtol: float | None = None, integrate: bool = True):
+    """Draw the directions ``block`` and find their radii.
+
+    Returns the block's :class:`DirectionRecords` and ``evaluate``, its batched cost (for the
+    search pilot's slope). ``integrate=False`` skips the radial integrals (the search pilot
+    needs radii only): log-volumes are then NaN.
+    """
+    ev = problem.evaluator
+    if getattr(ev, "streams_directions", False):
+        # the large-model evaluator: one direction at a time, generated into its one
+        # direction buffer and searched to the end before the next (never a (B, n) matrix)
+        streamed = ev.stream_directions(block, seed, mask=problem.mask,
+                                        preconditioner=problem.preconditioner,
+                                        measure=problem.measure)
+        parts = [_search(problem, block[j : j + 1], streamed.block(j), start, rtol, integrate)[0]
+                 for j in range(block.size)]
+        return DirectionRecords.concatenate(parts), ev.ray_costs(problem.cost, streamed)
+    directions = draw_block(block, seed, mask=problem.mask,
+                            preconditioner=problem.preconditioner, measure=problem.measure,
+                            dtype=ev.ray_dtype, device=ev.device)
+    return _search(problem, block, directions, start, rtol, integrate)
+
+
+def _search(problem: Problem, block, directions, start, rtol, integrate):
+    """The radius search and records of the drawn ``directions`` (a DirectionBlock whose U
+    is a (B, n) tensor or the large-model evaluator's streamed directions)."""
+    ev = problem.evaluator
+    bs = problem.batch_size
+    U, coef, log_w = directions.U, directions.coefficients, directions.log_weights
+    limit = np.minimum(problem.measure.search_limit(coef, block.size), problem.max_radius)
+
+    evaluate = ev.ray_costs(problem.cost, U, bs)
+
+    def taylor():
+        U64 = U.to(torch.float64) if isinstance(U, torch.Tensor) else U
+        chunks = [U64[i : i + bs] for i in range(0, len(U), bs)]
+        if problem.curvature is not None:
+            g2 = torch.cat([ev.ray_curvature(*problem.curvature, c) for c in chunks])
+            g2 = g2.cpu().numpy()
+            zeros = np.zeros_like(g2)
+            return zeros + problem.anchor_cost, zeros, g2
+        parts = [ev.ray_taylor(problem.cost, c) for c in chunks]
+        return tuple(torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(3))
+
+    if start is None or start.radius is None:  # the pilot itself, or TAYLOR_START
+        res = find_radii(evaluate, taylor, limit, problem.cutoff, rtol or problem.rtol,
+                         anchor_cost=problem.anchor_cost)
+    else:
+        res = find_radii(evaluate, None, limit, problem.cutoff, rtol or problem.rtol,
+                         anchor_cost=problem.anchor_cost, start=start.radius,
+                         slope=start.slope, bend=start.bend)
+    if integrate:
+        log_I = problem.measure.log_radial_integral(coef, res.radii)
+    else:
+        log_I = np.full(block.size, np.nan)
+    records = DirectionRecords(
+        direction=block,
+        log_volume=log_sphere_area(problem.n_active) + log_I + log_w,
+        radius=res.radii,
+        cost_at_radius=res.costs,
+        log_weight=log_w,
+        log_radial_integral=log_I,
+        evaluations=res.evaluations,
+        status=res.status,
+    )
+    return records, evaluate
+
+
+def calibrate_search(problem: Problem, seed: int) -> SearchStart:
+    """Stage 3: a small pilot that tells the radius search where to start and how the cost
+    grows.
+
+    ``SEARCH_PILOT`` directions from a seed stream of their own are searched (to rtol 1e-2)
+    from their Taylor guess (one JVP each), and the cost is measured once more on each side
+    of each radius, at R / ``SLOPE_STEP`` and ``SLOPE_STEP`` · R. Every direction of the
+    estimate then starts at the pilot's median radius, and a step from a single measured
+    point assumes the pilot's median growth around the crossing,
+    log(e/target) ≈ s·x + ½κ·x² in x = log(r/R) (e the excess cost over the anchor's).
+
+    Why not each ray's own Taylor guess: near the crossing the cost is not quadratic (its
+    log–log slope grows with a better preconditioner), so a measured point near the crossing
+    predicts it better than the curvature at the anchor, and each evaluation is cheaper than
+    the JVP (``benchmarks/radius_search.py`` measures both).
+
+    The pilot depends only on the problem and ``seed`` (not on which directions are drawn,
+    how they are batched or split over workers), so every direction's result stays a pure
+    function of (seed, index). When no pilot ray crosses, every ray starts from its own
+    Taylor guess (``radius=None``).
+    """
+    # radii to 1 %: the growth is measured at the cost actually found there
+    rec, evaluate = _search_block(problem, np.arange(SEARCH_PILOT),
+                                  stream_seed(seed, SEARCH_PILOT_STREAM), start=None,
+                                  rtol=max(problem.rtol, PILOT_RTOL), integrate=False)
+    radii, status = rec.radius, rec.status
+    evaluations = int(rec.evaluations.sum())
+    good = np.isfinite(radii) & (radii > 0) & (status == 0)
+    if not good.any():
+        return SearchStart(None, 2.0, 0.0, evaluations)
+    radius = float(np.median(radii[good]))
+    # the log–log growth of the excess cost around each pilot crossing
+    pos = np.flatnonzero(good)
+    log_e = np.log(rec.cost_at_radius[good] - problem.anchor_cost)
+    both = evaluate(np.concatenate([pos, pos]),  # one batched call for both sides
+                    np.concatenate([SLOPE_STEP * radii[good], radii[good] / SLOPE_STEP]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_up, log_down = np.split(np.log(both - problem.anchor_cost), 2)
+    evaluations += 2 * pos.size
+    h = np.log(SLOPE_STEP)
+    slopes = (log_up - log_down) / (2 * h)
+    bends = (log_up - 2 * log_e + log_down) / h**2
+    ok = np.isfinite(slopes) & np.isfinite(bends) & (slopes > 0)
+    if not ok.any():
+        return SearchStart(radius, 2.0, 0.0, evaluations)
+    slope = float(np.clip(np.median(slopes[ok]), 0.5, 8.0))
+    bend = float(np.clip(np.median(bends[ok]), -slope, slope))
+    return SearchStart(radius, slope, bend, evaluations)
+
+
+def _block_size(problem: Problem, n: int) -> int:
+    """Directions drawn together: many (so measure integrals and the search loop are
+    vectorised), but their k × n float64 matrix within ``BLOCK_BYTES``."""
+    by_memory = max(1, BLOCK_BYTES // (8 * max(1, n)))
+    return int(max(problem.batch_size, min(by_memory, MAX_BLOCK)))
+
+
+def estimate_directions(problem: Problem, indices, seed: int, progress=None,
+                        start: SearchStart | None = None) -> DirectionRecords:
+    """Per-direction records for the direction indices ``indices`` (a block of ints).
+
+    ``start`` fixes where every radius search starts: a :func:`calibrate_search` result (None:
+    run that pilot here with ``seed``), or ``TAYLOR_START`` (each ray's own Taylor guess; for
+    pilots of a few directions, where a search pilot would cost as much as the estimate).
+    Directions are drawn in blocks, the radius search runs on a whole block at once and each
+    of its evaluations is split into vmapped batches of ``problem.batch_size`` directions.
+    """
+    indices = np.asarray(list(indices), dtype=np.int64)
+    if indices.size == 0:
+        return DirectionRecords.empty()
+    if start is None:
+        start = calibrate_search(problem, seed)
+    step = _block_size(problem, problem.evaluator.theta.numel())
+    parts = []
+    for first in range(0, indices.size, step):
+        rec, _ = _search_block(problem, indices[first : first + step], seed, start)
+        parts.append(rec)
+        if progress is not None:
+            progress.update(len(rec))
+    records = DirectionRecords.concatenate(parts)
+    n_iter = int((records.status == 3).sum())
+    if n_iter:
+        warnings.warn(
+            f"{n_iter} direction(s) did not reach rtol within the iteration limit; their radius "
+            "is the bracket's midpoint",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return records
+
+
+def run_directions(problem: Problem, indices, seed: int, start: SearchStart, *, n_jobs=None,
+                   progress=None) -> DirectionRecords:
+    """Stage 4: directions ``indices``, split over ``n_jobs`` joblib workers when asked.
+
+    Direction i depends only on (seed, i), so the records are identical whatever the
+    number of workers or the backend (a ``joblib.parallel_config`` chosen by the user wins).
+    """
+    indices = np.asarray(list(indices), dtype=np.int64)
+    workers = min(effective_n_jobs(n_jobs), indices.size)
+    if workers <= 1:
+        return estimate_directions(problem, indices, seed, progress=progress, start=start)
+    chunks = np.array_split(indices, workers)
+    parts = Parallel(n_jobs=n_jobs)(
+        delayed(estimate_directions)(problem, chunk, seed, start=start) for chunk in chunks
+    )
+    return DirectionRecords.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------- 2. eps pilot
+
+
+@dataclass(frozen=True)
+class EpsSelection:
+    """Result of :func:`select_eps`: the chosen eps, the pilot table, the re-bound problem."""
+
+    eps: float | None
+    table: object
+    problem: Problem
+
+    def __iter__(self):  # unpacks as (eps, table, problem)
+        return iter((self.eps, self.table, self.problem))
+
+
+def select_eps(problem: Problem, grid=EPS_GRID, n_directions=EPS_PILOT_DIRECTIONS,
+               random_state=0, *, refine=EPS_REFINE, extend=EPS_EXTEND,
+               tie=EPS_TIE_NATS) -> EpsSelection:
+    """Stage 2: choose ``preconditioner_eps`` by a pilot estimate at each eps of a search.
+
+    The search (:func:`volsk.preconditioners.choose_eps`): the coarse ``grid``, extended past
+    an end that keeps winning, then the winner's half-decade neighbours; after each step the
+    largest eps within ``tie`` nats of the best pilot wins. The same ``n_directions``
+    direction seeds are used at every eps (so the comparison is paired), drawn from a seed
+    stream separate from the estimate's (so choosing eps does not bias the final estimate
+    upwards). The curvature is computed once: the bound map is re-made for each eps with
+    ``with_eps``. The pilot costs ``n_directions`` directions per eps tried (8 eps for the
+    default search unless an end of the grid keeps winning), each searched from its Taylor
+    guess; the table's ``directions`` and ``evaluations_per_direction`` columns account
+    for it.
+
+    Parameters
+    ----------
+    problem : Problem
+        Prepared with any eps (e.g. ``grid[0]``).
+    grid : sequence of float, default=EPS_GRID
+        The coarse grid.
+    n_directions : int, default=EPS_PILOT_DIRECTIONS
+        Pilot directions per eps (the same ones at every eps).
+    random_state : int, default=0
+        The estimator's base seed (``seed_``); the pilot seed is derived from it.
+    refine, extend, tie
+        As in :func:`volsk.preconditioners.choose_eps`.
+
+    Returns
+    -------
+    EpsSelection
+        ``(eps, table, problem)``: the chosen eps, a pandas DataFrame with one row per eps
+        tried and ``problem`` with its preconditioner re-bound to the chosen eps. No pilot is
+        run (eps None, an empty table, ``problem`` as given) when the map does not depend on
+        eps (the naive estimator) or cannot be re-made for another eps (a custom bound map
+        without ``with_eps``: it is used as bound).
+    """
+    grid = check_eps_grid(grid)
+    if int(n_directions) < 1:
+        raise ValueError(f"n_directions must be >= 1, got {n_directions!r}")
+    bound = problem.preconditioner
+    if getattr(bound, "is_identity", False) or not hasattr(bound, "with_eps"):
+        import pandas as pd  # import time: pandas is needed only for tables
+
+        return EpsSelection(None, pd.DataFrame(columns=list(PILOT_COLUMNS)), problem)
+    seed = stream_seed(random_state, EPS_PILOT_STREAM)
+
+    def run_pilot(eps):
+        # one candidate map at a time (each holds per-parameter vectors); a few directions,
+        # each searched from its own Taylor guess (a search pilot would cost as much as this)
+        candidate = replace(problem, preconditioner=bound.with_eps(eps))
+        rec = estimate_directions(candidate, range(int(n_directions)), seed,
+                                  start=TAYLOR_START)
+        return rec.log_volume, rec.evaluations
+
+    eps, table, _ = choose_eps(grid, run_pilot, refine=refine, extend=extend, tie=tie)
+    return EpsSelection(eps, table, replace(problem, preconditioner=bound.with_eps(eps)))
+
+
+# ------------------------------------------------------------------------------ the whole fit
+
+
+@dataclass
+class FitResult:
+    """What one fit produced: the bound problem, the records and the pilots' outcomes."""
+
+    problem: Problem
+    records: DirectionRecords
+    eps: float | None
+    eps_table: object
+    pilot_evaluations: int
+
+
+def fit(model, X, y, settings: Settings, *, eps, n_samples, seed, first=0, optimizer=None,
+        attention_mask=None, n_jobs=None, progress=None, check=None) -> FitResult:
+    """The algorithm in order, for directions ``first … first + n_samples − 1``.
+
+    ``eps`` is a number or "auto" (stage 2 picks it). ``check(problem)`` runs after stage 1
+    and may raise (``partial_fit`` refuses a different question there).
+    """
+    auto = isinstance(eps, str)
+    problem = prepare(model, X, y, settings, eps=EPS_GRID[0] if auto else float(eps),
+                      n_directions=n_samples, seed=seed, optimizer=optimizer,
+                      attention_mask=attention_mask)
+    if check is not None:
+        check(problem)
+    table = None
+    if auto:
+        eps, table, problem = select_eps(problem, n_directions=min(EPS_PILOT_DIRECTIONS,
+                                                                   n_samples),
+                                         random_state=seed)
+    if getattr(problem.preconditioner, "is_identity", False):
+        eps = None  # the naive map does not depend on eps
+    start = calibrate_search(problem, seed)
+    records = run_directions(problem, range(first, first + n_samples), seed, start,
+                             n_jobs=n_jobs, progress=progress)
+    return FitResult(problem, records, eps, table, start.evaluations)
+
+
+# ------------------------------------------------- a problem's summary (fits split over workers)
+
+
+@dataclass(frozen=True)
+class ProblemSummary:
+    """What the fitted attributes need of a problem: a few numbers and names, no model, no data.
+
+    A fit whose directions run in worker processes (``volsk.sweeps.fit_sharded``) prepares its
+    problem there; the summary is what comes back to finish the estimate in the caller.
+
+    Attributes
+    ----------
+    n_parameters : int
+        Trainable parameters n (flat ones included).
+    flat_names : tuple of str
+        Names of the flat coordinates, such as ``"0.weight[3, 7]"``.
+    is_probability : bool
+        Whether the measure is a prior (else Lebesgue).
+    """
+
+    n_parameters: int
+    flat_names: tuple
+    is_probability: bool
+
+
+def summarise(problem) -> ProblemSummary:
+    """The :class:`ProblemSummary` of a :class:`Problem` (a summary is returned as it is)."""
+    if isinstance(problem, ProblemSummary):
+        return problem
+    space = problem.evaluator.space
+    return ProblemSummary(int(space.n), tuple(space.coordinate_names(problem.flat)),
+                          bool(problem.is_probability))

@@ -1,0 +1,106 @@
+"""Every seed stream volsk draws from, and the one meaning of ``random_state=None``.
+
+A fit has one base seed (``seed_``). Everything random in it is a pure function of that seed
+and a stream name, so results do not depend on batching, workers or the order of work:
+
+- direction i: a PCG64 generator seeded by ``SeedSequence([seed, i])``;
+- the search pilot and the eps pilot: their own seed, ``SeedSequence([seed, STREAM])``, so that
+  no direction of the estimate is also a pilot direction; the bootstrap of the aggregate too;
+- the init prior's re-initialisations: ``SeedSequence([seed, owner + 1, draw])``;
+- flat-coordinate probes and Hutchinson probes: fixed generators (they decide nothing random
+  about the estimate).
+
+``random_state=None`` follows scikit-learn: the base seed is drawn from NumPy's global
+``RandomState`` (so ``np.random.seed`` makes such fits repeatable); an int is used as it is; a
+``RandomState`` instance is drawn from.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.utils import check_random_state
+
+__all__ = [
+    "SEARCH_PILOT_STREAM",
+    "BOOTSTRAP_STREAM",
+    "EPS_PILOT_STREAM",
+    "base_seed",
+    "stream_seed",
+    "direction_generator",
+    "child_seed",
+    "row_seeds",
+]
+
+SEARCH_PILOT_STREAM = 0x726164697573  # "radius"
+EPS_PILOT_STREAM = 0x70696C6F74  # "pilot"
+BOOTSTRAP_STREAM = 0x626F6F74  # "boot": resampling the per-direction estimates
+
+
+def base_seed(random_state) -> int:
+    """The base seed of a fit: an int as it is, else a draw from ``check_random_state``.
+
+    Examples
+    --------
+    >>> from volsk._seeding import base_seed
+    >>> base_seed(7)
+    7
+    """
+    if isinstance(random_state, Integral) and not isinstance(random_state, bool):
+        seed = int(random_state)
+        if seed < 0:
+            raise ValueError(f"random_state must be >= 0, got {random_state}")
+        return seed
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The base seed of a named stream derived from ``seed`` (independent of direction seeds).
+
+    Examples
+    --------
+    >>> from volsk._seeding import SEARCH_PILOT_STREAM, stream_seed
+    >>> stream_seed(0, SEARCH_PILOT_STREAM) == stream_seed(0, SEARCH_PILOT_STREAM)
+    True
+    """
+    return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1)[0])
+
+
+def child_seed(*key: int) -> int:
+    """A seed from an arbitrary tuple of non-negative ints (``SeedSequence(key)``)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
+def direction_generator(seed: int, index: int) -> np.random.Generator:
+    """The generator of direction ``index``: PCG64 seeded by ``SeedSequence([seed, index])``."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def row_seeds(random_state, paired: bool, n_models: int, n_params: int) -> np.ndarray:
+    """Base seed of every (model, parameter combination) of a sweep: an (n_models, n_params)
+    object array of ints.
+
+    The entropy is ``base_seed(random_state)``. Paired: one seed for all rows (common random
+    numbers; an int random_state is used as it is, so a row equals
+    ``LocalVolumeEstimator(random_state=random_state, **params).fit``). Unpaired: row (i, j)
+    gets the child of ``SeedSequence(entropy)`` with spawn key (i, j), so adding models or grid
+    values at the end keeps the existing rows' seeds.
+
+    Examples
+    --------
+    >>> from volsk._seeding import row_seeds
+    >>> row_seeds(7, True, 2, 1).tolist()
+    [[7], [7]]
+    >>> unpaired = row_seeds(7, False, 2, 2)
+    >>> len(set(unpaired.ravel())), unpaired[0, 0] == row_seeds(7, False, 3, 2)[0, 0]
+    (4, True)
+    """
+    entropy = base_seed(random_state)
+    if paired:
+        return np.full((n_models, n_params), entropy, dtype=object)
+    seeds = np.empty((n_models, n_params), dtype=object)
+    for i, model_seq in enumerate(np.random.SeedSequence(entropy).spawn(n_models)):
+        for j, row_seq in enumerate(model_seq.spawn(n_params)):
+            seeds[i, j] = int(row_seq.generate_state(1)[0])
+    return seeds
