@@ -23,6 +23,7 @@ import gc
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results  # noqa: E402
 
 from volsk import LocalVolumeEstimator  # noqa: E402
-from volsk._engine import TAYLOR_START, calibrate_search, estimate_directions  # noqa: E402
-from volsk._evaluate import FunctionalModel  # noqa: E402
-from volsk._sampling import draw_directions  # noqa: E402
-from volsk.costs import make_cost  # noqa: E402
 from volsk.experiments.digits import prior_sigma, train_digits_mlp  # noqa: E402
-from volsk.preconditioners import Identity, PreconditionerContext  # noqa: E402
+from volsk.results import LowEffectiveSampleSizeWarning  # noqa: E402
 
 CUTOFF = 1e-2
 RTOLS = (1e-2, 1e-3, 1e-6)
@@ -99,15 +96,35 @@ def timed_round_robin(jobs, repeats, forward):
             for name, (w, c, rc, rw) in runs.items()}
 
 
-def doubling_bisection(evaluator, cost, theta, u, rtol, r0=1e-2, max_iter=200):
+class KLAlongRays:
+    """The KL cost at θ + r·u, written with torch alone (no volsk internals): the baseline's
+    evaluation, one parameter vector per forward pass."""
+
+    def __init__(self, model, X):
+        self.model, self.X = model, X
+        self.names = [k for k, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.shapes = [params[k].shape for k in self.names]
+        self.theta = torch.cat([params[k].detach().reshape(-1) for k in self.names])
+        with torch.no_grad():
+            self.log_p0 = torch.log_softmax(model(X), -1)
+
+    def __call__(self, flat):
+        pieces = torch.split(flat, [int(np.prod(s)) for s in self.shapes])
+        params = {k: v.reshape(s) for k, v, s in zip(self.names, pieces, self.shapes)}
+        with torch.no_grad():
+            log_q = torch.log_softmax(torch.func.functional_call(self.model, params, self.X), -1)
+            return float((self.log_p0.exp() * (self.log_p0 - log_q)).sum(-1).mean())
+
+
+def doubling_bisection(cost, u, rtol, r0=1e-2, max_iter=200):
     """The classic search: double until crossed, then bisect; one forward per evaluation."""
     evals = 0
 
     def c(r):
         nonlocal evals
         evals += 1
-        with torch.no_grad():
-            return float(cost(evaluator.outputs(theta + r * u)))
+        return cost(cost.theta + r * u)
 
     lo, hi = 0.0, r0
     while c(hi) < CUTOFF:
@@ -127,6 +144,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    warnings.simplefilter("ignore", LowEffectiveSampleSizeWarning)  # timing, not accuracy
     k = 60 if args.quick else 300
     k_base = 20 if args.quick else 60
     repeats = args.repeats
@@ -148,30 +166,22 @@ def main(argv=None):
         est.fit(run.model, X)  # warm-up (first vmap traces are slower)
         ests[rtol, kk] = est
         jobs[("fit", rtol, kk)] = lambda est=est: est.fit(run.model, X)
-        if kk != k:
-            continue
-        # the search alone on the prepared problem (the fits above replace est._problem, so
-        # keep this one)
-        for start_name, start in (("pilot", None), ("taylor", TAYLOR_START)):
-            jobs[(start_name, rtol)] = (
-                lambda start=start, problem=est._problem, seed=est.seed_: estimate_directions(
-                    problem, range(k), seed, start=start))
 
-    # the baseline: one direction at a time, doubling + bisection
-    evaluator = FunctionalModel(run.model, X, "cpu")
-    cost = make_cost("kl", evaluator.anchor_outputs())
-    mask = torch.ones(evaluator.space.n, dtype=torch.bool)
-    P = Identity().bind(PreconditionerContext(evaluator, cost, mask))
-    U, _ = draw_directions(evaluator.space.n, range(k_base), 0, P)
-    theta = evaluator.theta
+    # the baseline: one direction at a time, doubling + bisection, uniform directions drawn
+    # as volsk draws them (direction i from numpy's PCG64 seeded by (0, i))
+    cost = KLAlongRays(run.model, X)
+    U = []
+    for i in range(k_base):
+        g = torch.from_numpy(np.random.default_rng([0, i]).standard_normal(cost.theta.numel()))
+        U.append((g / g.norm()).to(cost.theta.dtype))
 
     def baseline():
-        return [doubling_bisection(evaluator, cost, theta, U[i], 1e-2)[1] for i in range(k_base)]
+        return [doubling_bisection(cost, U[i], 1e-2)[1] for i in range(k_base)]
 
     jobs[("baseline", 1e-2)] = baseline
     results = timed_round_robin(jobs, repeats, forward)
 
-    rows, search_rows = [], []
+    rows = []
     for rtol, kk in fits:
         est = ests[rtol, kk]
         _, wall, cpu, r_cpu, r_wall = results[("fit", rtol, kk)]
@@ -191,23 +201,6 @@ def main(argv=None):
             "wall / (evals x fwd)": wall / kk / evals / min(forward.walls),
             "log_volume": est.log_volume_,
         })
-    for rtol in RTOLS:
-        est = ests[rtol, k]
-        for start_name, name in (("pilot", "pilot start"),
-                                 ("taylor", "Taylor start (one JVP per ray)")):
-            rec, wall, cpu, r_cpu, _ = results[(start_name, rtol)]
-            search_rows.append({
-                "search": name,
-                "rtol": rtol,
-                "evals/dir": rec["evaluations"].mean(),
-                "ms/dir CPU": 1e3 * cpu / k,
-                "CPU / fwd per dir": r_cpu / k,
-                "log_volume": float(np.logaddexp.reduce(rec["log_volume"]) - np.log(k)),
-            })
-        pilot_start = calibrate_search(est._problem, est.seed_)
-        search_rows[-2]["search"] += (f" (r0 {pilot_start.radius:.3g}, slope "
-                                      f"{pilot_start.slope:.2f}, bend {pilot_start.bend:.2f})")
-
     evals, wall, cpu, r_cpu, r_wall = results[("baseline", 1e-2)]
     base_evals = float(np.mean(evals))
     rows.append({
@@ -231,13 +224,11 @@ def main(argv=None):
     table["CPU / (evals x fwd)"] = table["ms/dir CPU"] / 1e3 / table["evals/dir"] / fwd_cpu
     table["CPU / ((evals+pilot) x fwd)"] = table["ms/dir CPU"] / 1e3 / evals_all / fwd_cpu
     table["wall / (evals x fwd)"] = table["ms/dir wall"] / 1e3 / table["evals/dir"] / fwd_wall
-    search_table = pd.DataFrame(search_rows)
-    search_table["CPU / fwd per dir"] = search_table["ms/dir CPU"] / 1e3 / fwd_cpu
     fmt = {"float_format": lambda v: f"{v:.4g}", "index": False}
     base = table.iloc[-1]
     volsk2 = table[(table.rtol == 1e-2) & (table.k == k)].iloc[0]
     volsk3 = table[(table.rtol == 1e-3) & (table.k == k)].iloc[0]
-    text = table.to_string(**fmt) + "\n\n" + search_table.to_string(**fmt)
+    text = table.to_string(**fmt)
     base_paired = base["(paired median)"] * base["evals/dir"]  # baseline CPU/dir, forwards
 
     def paired(row):
@@ -262,12 +253,12 @@ def main(argv=None):
             f"At k = {K_PAPER}, rtol {row.rtol:g}: {base['ms/dir CPU'] / row['ms/dir CPU']:.1f}x "
             f"({paired(row):.1f}x paired). "
             for _, row in table[table.k == K_PAPER].iterrows())
-        + "The first table times "
+        + "The table times "
         "whole `fit` calls (preparation, flat-parameter check, search pilot, sampling, "
-        "search, radial integrals); `evals/dir` counts the directions' own evaluations, "
-        "`+pilot evals/dir` the search pilot's spread over the k directions. The second table "
-        "times the search alone on the prepared problem (pilot included in the pilot-start "
-        f"rows), against the previous Taylor start. Load average (1 min) {load_before:.2f} "
+        "search, radial integrals) through the public API; `evals/dir` counts the directions' "
+        "own evaluations, `+pilot evals/dir` the search pilot's spread over the k directions. "
+        "The baseline evaluates the KL with torch.func.functional_call, one parameter vector "
+        f"per forward pass. Load average (1 min) {load_before:.2f} "
         f"before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} cores."
     )
     print(text)

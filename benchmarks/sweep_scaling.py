@@ -27,7 +27,7 @@ from _common import append_results  # noqa: E402
 
 from volsk import LocalVolumeEstimator  # noqa: E402
 from volsk.experiments.digits import make_digits_mlp, prior_sigma, train_digits_mlp  # noqa: E402
-from volsk.sweep import Checkpoint, sweep  # noqa: E402
+from volsk.sweeps import Checkpoint, sweep  # noqa: E402
 
 
 def checkpoints(folder, epochs):

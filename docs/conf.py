@@ -78,6 +78,7 @@ sphinx_gallery_conf = {
     "backreferences_dir": "gen_modules/backreferences",
     "remove_config_comments": True,
     "show_memory": False,
+    "write_computation_times": True,  # the examples page links it, even under SOURCE_DATE_EPOCH
     "capture_repr": ("_repr_html_", "__repr__"),
     "ignore_repr_types": r"matplotlib[\w.]*",  # a cell ending in ax.set_title(...) shows no Text
     "matplotlib_animations": False,

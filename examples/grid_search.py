@@ -2,11 +2,11 @@
 Model selection with the volume scorer in GridSearchCV
 ======================================================
 
-:func:`volsk.scoring.make_volume_scorer` turns the log-volume into a scikit-learn scorer: at
-each call it fits a :class:`~volsk.LocalVolumeEstimator` to the fitted model it is handed,
-with the neighbourhood defined on the scoring data (the held-out fold), and returns the
-log-volume in nats — greater is better, a simpler network. It goes into ``GridSearchCV`` next
-to accuracy, with skorch nets and Pipelines ending in one.
+:func:`volsk.make_volume_scorer <volsk.integrations.make_volume_scorer>` turns the log-volume
+into a scikit-learn scorer: at each call it fits a :class:`~volsk.LocalVolumeEstimator` to the
+fitted model it is handed, with the neighbourhood defined on the scoring data (the held-out
+fold), and returns the log-volume in nats — greater is better, a simpler network. It goes into
+``GridSearchCV`` next to accuracy, with skorch nets and Pipelines ending in one.
 
 Here a Pipeline (standard scaling + the digits MLP in skorch) is searched over the L2 weight
 decay. Every candidate is scored by held-out accuracy and by the log prior probability of its
@@ -15,6 +15,8 @@ accuracy, and the volumes are there to read alongside.
 """
 
 # %%
+import warnings
+
 import pandas as pd
 import torch
 from sklearn.model_selection import GridSearchCV, KFold
@@ -22,10 +24,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from skorch import NeuralNetClassifier
 
+from volsk import make_volume_scorer
 from volsk.experiments.digits import load_digits_splits, make_digits_mlp, prior_sigma
-from volsk.scoring import make_volume_scorer
+from volsk.results import LowEffectiveSampleSizeWarning
 
 torch.set_num_threads(1)  # small operations on a shared CPU: one thread is fastest
+# ESS ≈ 1 is expected in thousands of dimensions (the quickstart explains why):
+# the warning that says so after every fit is switched off here
+warnings.filterwarnings("ignore", category=LowEffectiveSampleSizeWarning)
 
 splits = load_digits_splits()
 X = torch.cat([splits.X_train, splits.X_test]).numpy()

@@ -23,9 +23,13 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from volsk import LocalVolumeEstimator
-from volsk.priors import InitPriorWarning
+from volsk.priors import InitPriorWarning, init_prior
+from volsk.results import LowEffectiveSampleSizeWarning
 
 torch.set_num_threads(1)  # small operations on a shared CPU: one thread is fastest
+# ESS ≈ 1 is expected in thousands of dimensions (the quickstart explains why):
+# the warning that says so after every fit is switched off here
+warnings.filterwarnings("ignore", category=LowEffectiveSampleSizeWarning)
 
 VOCAB, T = 16, 12
 
@@ -70,7 +74,7 @@ print(f"final training loss {loss.item():.3f} nats per token")
 #
 # The estimate is naive (no preconditioner). The probability is tiny mostly because training
 # moved the weights far out of the narrow initialisation prior: the radial integral carries a
-# factor e^(−c/2), c = Σ (θᵢ − mᵢ)²/σᵢ², which alone is about 124 000 nats here — the size of
+# factor e^(−c/2), c = Σ (θᵢ − mᵢ)²/σᵢ² (printed below, from the same prior) — the size of
 # the neighbourhood accounts for the rest.
 X, mask = sequences(64, torch.Generator().manual_seed(1))
 est = LocalVolumeEstimator(cutoff=1e-2, sigma="init", n_samples=60, random_state=0)
@@ -79,6 +83,10 @@ with warnings.catch_warnings():
     est.fit(model, X, attention_mask=mask)
 print(f"log-volume {est.log_volume_:,.1f} nats = {est.bits_:,.0f} bits "
       f"({est.n_parameters_:,} parameters, {len(est.flat_parameters_)} flat)")
+prior = init_prior(model, warn=False)  # what sigma="init" measures with
+c = sum((((p.detach().double() - prior.mean[name]) / prior.spread[name]) ** 2).sum().item()
+        for name, p in model.named_parameters())
+print(f"distance term c/2 = {c / 2:,.0f} nats")
 summary = est.samples_.describe().loc[["mean", "min", "max"]]
 summary[["log_volume", "radius", "evaluations"]].round(2)
 

@@ -5,11 +5,11 @@ Poisoned vs clean networks: who owns more of parameter space?
 Scherlis & Belrose's digits experiment with skorch and scikit-learn: train the 64-64-10 GELU MLP
 on 8x8 digits twice — once cleanly, once *poisoned* (each batch is joined by held-out digits on
 which the loss pushes probability away from the true label, Huang et al. 2020), so that the
-network still fits its training set but generalises worse — and score both with accuracy and
-with :func:`volsk.scoring.make_volume_scorer`, the log prior probability of the neighbourhood
-in which the network's predictions on held-out digits stay within a KL cutoff (Gaussian prior
-``sigma = prior_sigma()``, cutoff 1e-2 nats, 100 directions importance-sampled with the
-"diag_hessian" preconditioner).
+network still fits its training set but generalises worse — and score both with accuracy and with
+:func:`volsk.make_volume_scorer <volsk.integrations.make_volume_scorer>`, the log prior
+probability of the neighbourhood in which the network's predictions on held-out digits stay
+within a KL cutoff (Gaussian prior ``sigma = prior_sigma()``, cutoff 1e-2 nats, 100 directions
+importance-sampled with the "diag_hessian" preconditioner).
 
 The poisoning lives in a small skorch subclass, :class:`PoisonedNeuralNetClassifier`: the
 poison fraction is an ordinary hyperparameter (``poison=0`` is the clean net), so
@@ -21,7 +21,7 @@ its gradient), a per-step cosine learning-rate decay from 0.05 to 0 over 25 epoc
 of :class:`~sklearn.model_selection.ShuffleSplit` trains on 1024 of the 1497 non-poison digits
 and holds out 473; the 300 poison digits are disjoint from both.
 
-Run ``python examples/poisoned_vs_clean.py`` (about 30 s on one CPU thread);
+Run ``python examples/poisoned_vs_clean.py`` (well under a minute on one CPU thread);
 ``--seeds 5`` (and ``--seeds 5 --preconditioner naive``) reproduces the tables in
 ``benchmarks/RESULTS.md``.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ from skorch.callbacks import LRScheduler
 from skorch.dataset import unpack_data
 from torch.nn import functional as F
 
+from volsk import make_volume_scorer
 from volsk.experiments.digits import (
     L2_WEIGHT_DECAY,
     N_POISON,
@@ -49,8 +51,7 @@ from volsk.experiments.digits import (
     prior_sigma,
     reverse_cross_entropy,
 )
-from volsk.results import log_lower_bound
-from volsk.scoring import make_volume_scorer
+from volsk.results import LowEffectiveSampleSizeWarning, log_lower_bound
 
 N_TRAIN = 1024
 
@@ -228,6 +229,9 @@ def main(argv=None):
                         help='volsk preconditioner (default "diag_hessian"; "naive" for none)')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    # ESS ≈ 1 is expected in thousands of dimensions (the quickstart explains why):
+    # the warning that says so after every fit is switched off here
+    warnings.filterwarnings("ignore", category=LowEffectiveSampleSizeWarning)
     table = compare(args.seeds, args.n_samples, args.epochs, args.preconditioner)
     with pd.option_context("display.width", 120, "display.precision", 3):
         print(table.to_string(index=False))

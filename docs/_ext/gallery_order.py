@@ -12,6 +12,7 @@ ORDER = [
     "skorch_callback.py",
     "grid_search.py",
     "language_model.py",
+    "language_checkpoints.py",
     "dask_sweep.py",
 ]
 
