@@ -1,0 +1,374 @@
+"""volsk.sweeps.fit_sharded: one estimate in shards on workers, the same numbers as one process."""
+
+import json
+import os
+import pickle
+import random
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+
+from models import small_mlp
+from volsk import LocalVolumeEstimator
+from volsk.sweeps import Checkpoint, fit_sharded, sweep
+from volsk.sweeps import cluster as cluster_module
+from volsk.sweeps import shards as shards_module
+from volsk.sweeps import sources as sources_module
+
+FITTED = ["log_volume_", "log10_volume_", "bits_", "n_parameters_", "n_evaluations_",
+          "n_pilot_evaluations_", "effective_sample_size_", "flat_parameters_", "seed_",
+          "preconditioner_eps_"]
+
+
+def assert_same_fit(one, other):
+    """Every fitted attribute of ``other`` equals ``one``'s, bit for bit."""
+    for name in FITTED:
+        assert getattr(one, name) == getattr(other, name), name
+    np.testing.assert_array_equal(one.sample_log_volumes_, other.sample_log_volumes_)
+    np.testing.assert_array_equal(one.radii_, other.radii_)
+    pd.testing.assert_frame_equal(one.samples_, other.samples_, check_exact=True)
+    if one.eps_pilot_ is None:
+        assert other.eps_pilot_ is None
+    else:
+        pd.testing.assert_frame_equal(one.eps_pilot_, other.eps_pilot_, check_exact=True)
+
+
+def net_factory():
+    """The model every Checkpoint here is loaded into (importable by worker processes)."""
+    return small_mlp()[0]
+
+
+def fresh(est, **params):
+    return clone(est).set_params(**params)
+
+
+SETTINGS = {
+    "naive": dict(sigma=0.5),
+    "auto eps": dict(sigma=0.5, preconditioner="diag_hessian", preconditioner_eps="auto"),
+}
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory):
+    net, X = small_mlp()
+    path = tmp_path_factory.mktemp("checkpoints") / "net.pt"
+    torch.save(net.state_dict(), path)
+    return net, X, Checkpoint(path, net_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    """One process's fits, k = 24 and k = 40, for each setting."""
+    net, X, _ckpt = problem
+    out = {}
+    for name, params in SETTINGS.items():
+        est = LocalVolumeEstimator(n_samples=24, random_state=3, **params)
+        out[name] = {k: fresh(est, n_samples=k).fit(net, X) for k in (24, 40)}
+    return out
+
+
+# --------------------------------------------------------------------- the same numbers
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("shard_size", [1, 5, 64])
+def test_sharded_fit_equals_one_process_fit_bit_for_bit(problem, reference, setting,
+                                                        shard_size):
+    net, X, ckpt = problem
+    one = reference[setting][24]
+    for source in (net, ckpt):
+        sharded = fit_sharded(fresh(one), source, X, shard_size=shard_size)
+        assert_same_fit(one, sharded)
+
+
+def test_merge_does_not_depend_on_the_order_shards_finish(problem, reference, monkeypatch):
+    net, X, _ckpt = problem
+    one = reference["auto eps"][24]
+    many = cluster_module._Joblib.many
+
+    def shuffled(self, fn, argument_lists):
+        results = list(many(self, fn, argument_lists))
+        random.Random(len(results)).shuffle(results)
+        assert [r[0].first for r in results] != sorted(r[0].first for r in results)
+        yield from results
+
+    monkeypatch.setattr(cluster_module._Joblib, "many", shuffled)
+    assert_same_fit(one, fit_sharded(fresh(one), net, X, shard_size=3))
+    with joblib.parallel_config(backend="threading", n_jobs=2):
+        assert_same_fit(one, fit_sharded(fresh(one), net, X, shard_size=4))
+
+
+def test_partial_extends_like_partial_fit(problem, reference):
+    net, X, ckpt = problem
+    long = reference["auto eps"][40]
+    est = fit_sharded(fresh(long, n_samples=24), ckpt, X, shard_size=10)
+    assert fit_sharded(est, ckpt, X, n_samples=16, partial=True, shard_size=10) is est
+    assert_same_fit(long, est)
+    # a local fit extended on workers, and a sharded fit extended locally
+    local = fresh(long, n_samples=24).fit(net, X)
+    assert_same_fit(long, fit_sharded(local, net, X, n_samples=16, partial=True))
+    sharded = fit_sharded(fresh(long, n_samples=24), net, X, shard_size=8)
+    assert_same_fit(long, sharded.partial_fit(net, X, n_samples=16))
+    # partial on an unfitted estimator is a fit
+    assert_same_fit(reference["auto eps"][24],
+                    fit_sharded(fresh(long, n_samples=24), net, X, partial=True))
+
+
+def test_partial_refuses_another_question(problem, reference):
+    net, X, _ckpt = problem
+    est = fit_sharded(fresh(reference["naive"][24]), net, X, shard_size=8)
+    before = est.sample_log_volumes_.copy()
+    with pytest.raises(ValueError, match="X or y"):
+        fit_sharded(est, net, X + 1, n_samples=8, partial=True)
+    est.set_params(cutoff=2e-2)
+    with pytest.raises(ValueError, match="cutoff"):
+        fit_sharded(est, net, X, n_samples=8, partial=True)
+    np.testing.assert_array_equal(est.sample_log_volumes_, before)  # unchanged
+
+
+def test_bad_arguments_are_named(problem):
+    net, X, _ckpt = problem
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=4)
+    with pytest.raises(TypeError, match="LocalVolumeEstimator"):
+        fit_sharded(object(), net, X)
+    with pytest.raises(TypeError, match="Checkpoint"):
+        fit_sharded(est, "model.pt", X)
+    with pytest.raises(ValueError, match="shard_size"):
+        fit_sharded(est, net, X, shard_size=0)
+    with pytest.raises(ValueError, match="n_samples"):
+        fit_sharded(est, net, X, n_samples=0)
+    with pytest.raises(TypeError, match="client"):
+        fit_sharded(est, net, X, client="tcp://scheduler:8786")
+    with pytest.raises(ValueError, match="cutoff"):
+        fit_sharded(LocalVolumeEstimator(cutoff=-1.0), net, X)
+
+
+# --------------------------------------------------------------------------- model sources
+
+
+LOADS = []
+
+
+def counting_factory():
+    """A checkpoint's factory that counts the models it builds (in this process)."""
+    LOADS.append(1)
+    return net_factory()
+
+
+def test_a_checkpoint_is_loaded_once_per_worker_for_all_its_tasks(problem, reference):
+    _net, X, ckpt = problem
+    counted = Checkpoint(ckpt.path, counting_factory)
+    one = reference["naive"][24]
+    LOADS.clear()
+    assert_same_fit(one, fit_sharded(fresh(one), counted, X, shard_size=4))  # 6 shards + pilot
+    assert len(LOADS) == 1
+    sweep({"a": counted}, X, {"cutoff": [1e-3, 1e-2, 2e-2]}, estimator=fresh(one))
+    assert len(LOADS) == 2  # three rows, one load
+    assert sources_module._loaded == {} and shards_module._problems == {}  # nothing kept
+
+
+def test_whole_module_file_and_pretrained_directory_load_where_they_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from volsk.experiments.language import make_tiny_gpt_neox
+
+    lm = make_tiny_gpt_neox(hidden_size=16, num_layers=1, num_heads=2, max_positions=8,
+                            vocab_size=16).eval()
+    lm.save_pretrained(tmp_path / "step_100")
+    tokens = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
+    est = LocalVolumeEstimator(sigma=0.05, n_samples=6, random_state=0)
+    one = clone(est).fit(lm, tokens)
+    pretrained = Checkpoint(tmp_path / "step_100", transformers.GPTNeoXForCausalLM)
+    assert_same_fit(one, fit_sharded(clone(est), pretrained, tokens, shard_size=4))
+    frame = sweep({"lm": pretrained}, tokens, estimator=est)
+    assert frame["log_volume"].item() == one.log_volume_
+    with pytest.raises(ValueError, match="model class"):
+        Checkpoint(tmp_path / "step_100", lambda: lm).load()
+
+    net, X = small_mlp()
+    torch.save(net, tmp_path / "whole.pt")
+    mlp = LocalVolumeEstimator(sigma=0.5, n_samples=6, random_state=0)
+    assert_same_fit(clone(mlp).fit(net, X),
+                    fit_sharded(clone(mlp), Checkpoint(tmp_path / "whole.pt",
+                                                       weights_only=False), X, shard_size=4))
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class Interrupt:
+    """Wraps a pipeline stage: counts calls, raises KeyboardInterrupt on the call ``at``."""
+
+    def __init__(self, stage, at=None):
+        self.stage, self.at, self.calls = stage, at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.stage(*args, **kwargs)
+
+
+def test_rerun_after_an_interruption_computes_only_the_missing_shards(problem, reference,
+                                                                     tmp_path, monkeypatch):
+    _net, X, ckpt = problem
+    one = reference["naive"][24]  # no eps pilot: estimate_directions runs only for shards
+    pipeline = shards_module.pipeline
+    shards = Interrupt(pipeline.estimate_directions, at=3)
+    monkeypatch.setattr(pipeline, "estimate_directions", shards)
+    with pytest.raises(KeyboardInterrupt):  # preempted during the third of five shards
+        fit_sharded(fresh(one), ckpt, X, shard_size=5, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 3  # the pilot and two shards
+    shards = Interrupt(pipeline.estimate_directions.stage)
+    pilots = Interrupt(pipeline.calibrate_search)
+    monkeypatch.setattr(pipeline, "estimate_directions", shards)
+    monkeypatch.setattr(pipeline, "calibrate_search", pilots)
+    assert_same_fit(one, fit_sharded(fresh(one), ckpt, X, shard_size=5, cache_dir=tmp_path))
+    assert (shards.calls, pilots.calls) == (3, 0)  # the missing shards; the pilot was stored
+    assert_same_fit(one, fit_sharded(fresh(one), ckpt, X, shard_size=5, cache_dir=tmp_path))
+    assert (shards.calls, pilots.calls) == (3, 0)  # all cached: no worker needed at all
+    # more directions later reuse the shards stored; a larger shard size too
+    longer = fit_sharded(fresh(one, n_samples=40), ckpt, X, shard_size=16, cache_dir=tmp_path)
+    assert_same_fit(reference["naive"][40], longer)
+    assert shards.calls == 3 + 2  # 24…31 and 32…39
+
+
+def shard_files(cache_dir):
+    return sorted(p for p in cache_dir.glob("*-*-*.json"))
+
+
+def test_damaged_or_swapped_shard_files_are_recomputed_never_used(problem, reference, tmp_path,
+                                                                  capsys):
+    _net, X, ckpt = problem
+    one = reference["auto eps"][24]  # the pilot's record holds the eps pilot's table
+    fit_sharded(fresh(one), ckpt, X, shard_size=8, cache_dir=tmp_path)
+    files = shard_files(tmp_path)
+    assert len(files) == 3
+    (pilot,) = set(tmp_path.glob("*.json")) - set(files)
+    first, second = files[0].read_bytes(), files[1].read_bytes()
+    files[0].write_bytes(second)  # two shards' files swapped: valid JSON, wrong directions
+    files[1].write_bytes(first)
+    text = files[2].read_text()
+    files[2].write_text(text[: len(text) // 3])  # truncated
+    record = json.loads(pilot.read_text())
+    del record["start"]  # valid JSON, incomplete
+    pilot.write_text(json.dumps(record))
+    capsys.readouterr()
+    again = fit_sharded(fresh(one), ckpt, X, shard_size=8, cache_dir=tmp_path, verbose=1)
+    err = capsys.readouterr().err
+    assert_same_fit(one, again)
+    for path in (*files, pilot):
+        assert str(path) in err
+    assert err.count("recomputing") == 4
+    assert shard_files(tmp_path) == files  # rewritten whole
+    capsys.readouterr()
+    assert_same_fit(one, fit_sharded(fresh(one), ckpt, X, shard_size=8, cache_dir=tmp_path,
+                                     verbose=1))
+    assert "recomputing" not in capsys.readouterr().err
+    # a module source is known by its weights: other weights miss
+    other = small_mlp(seed=1)[0]
+    assert fit_sharded(fresh(one), other, X, shard_size=8, cache_dir=tmp_path).log_volume_ != (
+        one.log_volume_)
+
+
+def test_shards_from_different_kinds_of_device_are_said(problem, reference, tmp_path):
+    _net, X, ckpt = problem
+    one = reference["naive"][24]
+    fit_sharded(fresh(one), ckpt, X, shard_size=8, cache_dir=tmp_path)
+    path = shard_files(tmp_path)[1]
+    record = json.loads(path.read_text())
+    record["device"] = "cuda"  # as if a GPU worker had run this shard
+    path.write_text(json.dumps(record))
+    with pytest.warns(RuntimeWarning, match="cpu and cuda"):
+        fit_sharded(fresh(one), ckpt, X, shard_size=8, cache_dir=tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_auto_runs_the_shards_on_the_workers_gpu(problem, tmp_path):
+    net, X, ckpt = problem
+    est = LocalVolumeEstimator(sigma=0.5, n_samples=12, random_state=3)  # device="auto"
+    one = clone(est).fit(net, X)
+    assert_same_fit(one, fit_sharded(clone(est), ckpt, X, shard_size=5, cache_dir=tmp_path))
+    assert {json.loads(p.read_text())["device"] for p in shard_files(tmp_path)} == {"cuda"}
+
+
+# --------------------------------------------------------------------- real clusters
+
+
+def kill_once_factory(marker_dir):
+    """A factory whose second call, in any process, kills that process (a worker lost)."""
+
+    def build():
+        for i in range(100):  # claim the next call number atomically
+            try:
+                os.close(os.open(os.path.join(marker_dir, f"load-{i}"),
+                                 os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                continue
+        if i == 1:
+            os._exit(1)
+        return net_factory()
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                 dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.wait_for_workers(2, timeout=120)
+        yield client
+
+
+def test_dask_cluster_gives_the_one_process_estimate(problem, reference, dask_client):
+    net, X, ckpt = problem
+    one = reference["auto eps"][24]
+    for source in (ckpt, net):
+        assert_same_fit(one, fit_sharded(fresh(one), source, X, client=dask_client,
+                                         shard_size=4))
+    with joblib.parallel_config(backend="dask"):
+        assert_same_fit(one, fit_sharded(fresh(one), ckpt, X, shard_size=6))
+    # what a task carries: the checkpoint's path and factory, X as a key, never the weights
+    engine = cluster_module._Dask(dask_client)
+    big = torch.randn(20_000, 5)
+    placed = engine.place(ckpt, big, None, None)
+    assert len(pickle.dumps(placed[1])) < 1000 < big.numel()
+
+
+def test_dask_reruns_the_shard_of_a_killed_worker_with_the_same_result(problem, reference,
+                                                                      dask_client, tmp_path):
+    _net, X, ckpt = problem
+    one = reference["naive"][24]
+    source = Checkpoint(ckpt.path, kill_once_factory(str(tmp_path)))
+    sharded = fit_sharded(fresh(one), source, X, client=dask_client, shard_size=2)
+    assert (tmp_path / "load-1").exists()  # a worker died loading the model for a shard
+    assert_same_fit(one, sharded)
+
+
+def test_ray_local_cluster_through_joblib_gives_the_one_process_estimate(problem, reference,
+                                                                         tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray.util.joblib import register_ray
+
+    net, X, _ckpt = problem
+    one = reference["naive"][24]
+    torch.save(net, tmp_path / "whole.pt")  # Ray's workers import volsk and torch only
+    ckpt = Checkpoint(tmp_path / "whole.pt", weights_only=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        register_ray()
+        with joblib.parallel_config(backend="ray", n_jobs=2):
+            assert_same_fit(one, fit_sharded(fresh(one), ckpt, X, shard_size=8))
+            # Ray's joblib backend cannot stream results: sweeps run it in rounds
+            frame = sweep({"a": ckpt, "b": ckpt}, X, estimator=fresh(one), random_state=3)
+    finally:
+        ray.shutdown()
+    assert frame["log_volume"].tolist() == [one.log_volume_] * 2
