@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 
@@ -197,10 +198,11 @@ def resolve_output(cost, anchor_outputs, output, *, from_model=False):
             "'binary_probabilities' for a sigmoid output)."
         )
     if from_model and output == "logits" and anchor_outputs.is_floating_point():
-        rows = anchor_outputs.detach().to(torch.float64)
-        if bool((rows >= 0).all()) and bool(((rows.sum(-1) - 1).abs() < 1e-4).all()):
-            import warnings  # rare path
-
+        # no vocabulary-sized float64 copy: a min, then row sums accumulated in float64
+        rows = anchor_outputs.detach()
+        if bool(rows.min() >= 0) and bool(
+            ((rows.sum(-1, dtype=torch.float64) - 1).abs() < 1e-4).all()
+        ):
             warnings.warn(
                 "the model's outputs look like probabilities (every row is non-negative and "
                 "sums to 1, e.g. it ends in Softmax) but are read as logits; pass "

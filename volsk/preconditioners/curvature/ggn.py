@@ -73,14 +73,7 @@ def _ggn_rows(target, what):
     n_a = target.n_active
     a0 = target.anchor
     for part in target.parts:
-        factor = part.cost.ggn_factor(ev.anchor_outputs(part.batch), part.weight)
-        if factor is None:
-            raise ValueError(
-                f"{what} needs cost 'kl', 'cross_entropy' or 'mse' (a known output-space "
-                f"curvature); got cost={part.cost.spec!r}. Use preconditioner='hessian' or "
-                "'diag_hessian' for a callable cost."
-            )
-        transform, root = factor
+        transform, root = target.ggn_factor(part, what)
         batch = ev.batches[part.batch]
         x_axes = _example_axes(batch.X)
         kw_axes = _kwarg_axes(batch.kwargs, batch.n)

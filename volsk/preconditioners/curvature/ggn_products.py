@@ -17,17 +17,6 @@ from ..._evaluate import memory_budget
 __all__ = ["ggn_products", "projected_ggn_diagonal", "top_eigenpairs"]
 
 
-def _factor(target, part, what):
-    factor = part.cost.ggn_factor(target.evaluator.anchor_outputs(part.batch), part.weight)
-    if factor is None:
-        raise ValueError(
-            f"{what} needs cost 'kl', 'cross_entropy' or 'mse' (a known output-space "
-            f"curvature); got cost={part.cost.spec!r}. Use preconditioner='hessian' or "
-            "'diag_hessian' for a callable cost."
-        )
-    return factor
-
-
 def ggn_products(target, V: torch.Tensor, what="the Gauss–Newton products") -> torch.Tensor:
     """GGN · V for the columns of ``V`` (n_active, m): (n_active, m) float64.
 
@@ -65,7 +54,7 @@ def ggn_products(target, V: torch.Tensor, what="the Gauss–Newton products") ->
     block = int(max(1, min(m, 512, memory_budget(ev.device) // per)))
     rows = V.T.to(a0.dtype)  # (m, n_active)
     for part in target.parts:
-        transform, root = _factor(target, part, what)
+        transform, root = target.ggn_factor(part, what)
 
         def f(active, part=part, transform=transform):
             return transform(ev.outputs(target.flat(active), part.batch))

@@ -266,14 +266,7 @@ def _backward_passes(target, layers, what, *, exact, samples, seed):
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     theta = ev.theta.to(ev.model_dtype).detach().requires_grad_(True)
     for part in target.parts:
-        factor = part.cost.ggn_factor(ev.anchor_outputs(part.batch), part.weight)
-        if factor is None:
-            raise ValueError(
-                f"{what} needs cost 'kl', 'cross_entropy' or 'mse' (a known output-space "
-                f"curvature); got cost={part.cost.spec!r}. Use preconditioner='hessian' or "
-                "'diag_hessian' for a callable cost."
-            )
-        transform, root = factor
+        transform, root = target.ggn_factor(part, what)
         position_weights = root.pow(2).sum(-1)
         with torch.enable_grad(), _recording(layers) as records:
             t = transform(ev.outputs(theta, part.batch))

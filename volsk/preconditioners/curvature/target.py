@@ -68,6 +68,18 @@ class CurvatureTarget:
     def part_cost_of(self, part: CostPart, active: torch.Tensor) -> torch.Tensor:
         return part.cost(self.evaluator.outputs(self.flat(active), part.batch))
 
+    def ggn_factor(self, part: CostPart, what: str):
+        """``(transform, root)`` of ``part``'s Gauss–Newton matrix at the anchor (see
+        ``BoundCost.ggn_factor``), or a ValueError naming ``what`` needs it."""
+        factor = part.cost.ggn_factor(self.evaluator.anchor_outputs(part.batch), part.weight)
+        if factor is None:
+            raise ValueError(
+                f"{what} needs cost 'kl', 'cross_entropy' or 'mse' (a known output-space "
+                f"curvature); got cost={part.cost.spec!r}. Use preconditioner='hessian' or "
+                "'diag_hessian' for a callable cost."
+            )
+        return factor
+
     def cost_of(self, active: torch.Tensor) -> torch.Tensor:
         return sum(part.weight * self.part_cost_of(part, active) for part in self.parts)
 
