@@ -1,6 +1,7 @@
 """volsk.results: the per-direction record type, aggregation and the estimate's diagnostics."""
 
 import math
+import pickle
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from volsk import LocalVolumeEstimator
 from volsk.results import (
     SAMPLE_COLUMNS,
     DirectionRecords,
+    FlatCoordinates,
     LowEffectiveSampleSizeWarning,
     bootstrap_interval,
     effective_sample_size,
@@ -85,3 +87,53 @@ def test_a_fit_with_many_comparable_directions_does_not_warn():
                                    random_state=0).fit(model, X)
     assert est.effective_sample_size_ == pytest.approx(20.0)
     assert est.top_sample_share_ == pytest.approx(1 / 20)
+
+
+# ------------------------------------------------------------------ flat coordinates as runs
+
+
+def _names_by_brute_force(names, shapes, indices):
+    out = []
+    offsets = np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in shapes])])
+    for flat in sorted(set(indices)):
+        t = int(np.searchsorted(offsets, flat, side="right")) - 1
+        local = np.unravel_index(flat - offsets[t], shapes[t])
+        out.append(f"{names[t]}[{', '.join(str(int(c)) for c in local)}]")
+    return out
+
+
+def test_flat_coordinates_name_every_coordinate_like_a_list_of_strings():
+    rng = np.random.default_rng(0)
+    names, shapes = ["embed.weight", "bias", "w"], [(7, 5), (4,), (2, 3, 2)]
+    indices = rng.choice(35 + 4 + 12, size=30, replace=False).tolist() + [0, 1, 2, 3]
+    flat = FlatCoordinates(names, shapes, indices)
+    expected = _names_by_brute_force(names, shapes, indices)
+    assert list(flat) == expected and flat == expected and flat == tuple(expected)
+    assert len(flat) == len(expected) and flat[:3] == expected[:3] and flat[-1] == expected[-1]
+    assert all(name in flat for name in expected)
+    assert "bias[9]" not in flat and "nope[0]" not in flat and 3 not in flat
+    missing = [n for n in _names_by_brute_force(names, shapes, range(51)) if n not in expected]
+    assert not any(name in flat for name in missing)
+    assert flat != expected[:-1] and flat != expected[::-1]
+    counts = flat.counts()
+    assert sum(counts.values()) == len(expected)
+    assert counts == {t: sum(n.startswith(t + "[") for n in expected) for t in counts}
+    with pytest.raises(IndexError):
+        flat[len(expected)]
+    again = FlatCoordinates.from_record(flat.to_record())
+    assert again == flat and np.array_equal(again.indices(), np.unique(indices))
+
+
+def test_millions_of_flat_coordinates_cost_a_few_numbers_per_run():
+    # a language model's unused embedding rows: 40 000 rows of 256, in 2 runs
+    rows = np.r_[np.arange(100, 20_100), np.arange(30_000, 50_000)]
+    indices = (rows[:, None] * 256 + np.arange(256)).reshape(-1)
+    flat = FlatCoordinates(["embed.weight", "head.weight"], [(50_304, 256), (10, 256)], indices)
+    assert len(flat) == indices.size == 10_240_000
+    assert flat.starts.size == 2 and len(pickle.dumps(flat)) < 2_000
+    assert flat[0] == "embed.weight[100, 0]" and flat[-1] == "embed.weight[49999, 255]"
+    assert "embed.weight[20100, 0]" not in flat and "embed.weight[30000, 7]" in flat
+    with pytest.raises(ValueError, match="flat indices must lie"):
+        FlatCoordinates(["w"], [(2,)], [2])
+    with pytest.raises(ValueError, match="not a FlatCoordinates record"):
+        FlatCoordinates.from_record({"names": ["w"], "shapes": [[2]], "starts": [0]})

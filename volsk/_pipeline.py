@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 
+from ._coordinates import FlatCoordinates
 from ._inputs import as_input, batches_from_loader, n_examples, resolve_model
 from ._math import log_sphere_area
 from ._problem import Problem, prepare_problem
@@ -474,14 +475,14 @@ class ProblemSummary:
     ----------
     n_parameters : int
         Trainable parameters n (flat ones included).
-    flat_names : tuple of str
-        Names of the flat coordinates, such as ``"0.weight[3, 7]"``.
+    flat : volsk.results.FlatCoordinates
+        The flat coordinates (named such as ``"0.weight[3, 7]"``, held as runs).
     is_probability : bool
         Whether the measure is a prior (else Lebesgue).
     """
 
     n_parameters: int
-    flat_names: tuple
+    flat: FlatCoordinates
     is_probability: bool
 
 
@@ -490,5 +491,5 @@ def summarise(problem) -> ProblemSummary:
     if isinstance(problem, ProblemSummary):
         return problem
     space = problem.evaluator.space
-    return ProblemSummary(int(space.n), tuple(space.coordinate_names(problem.flat)),
-                          bool(problem.is_probability))
+    flat = FlatCoordinates(space.names, space.shapes, problem.flat)
+    return ProblemSummary(int(space.n), flat, bool(problem.is_probability))

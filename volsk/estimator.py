@@ -153,9 +153,12 @@ class LocalVolumeEstimator(BaseEstimator):
         The fraction of µ̂ from the largest per-direction estimate.
     samples_ : pandas.DataFrame
         One row per direction: log_volume, radius, cost_at_radius, log_weight, evaluations…
-    flat_parameters_ : list of str
-        Parameters that cannot change the outputs on X (integrated out under probability
-        measures; they make the Lebesgue volume infinite).
+    flat_parameters_ : volsk.results.FlatCoordinates
+        Parameter coordinates that cannot change the outputs on X (integrated out under
+        probability measures; they make the Lebesgue volume infinite): a read-only sequence
+        of names such as ``"0.weight[3, 7]"`` that compares equal to a list of them, held as
+        runs of consecutive coordinates (a language model's unused embedding rows are
+        millions); ``.counts()`` gives them per parameter tensor.
     seed_ : int
         The base seed the directions were drawn with.
     preconditioner_eps_ : float or None
@@ -488,7 +491,7 @@ class LocalVolumeEstimator(BaseEstimator):
                 "box, or every ray crosses the cutoff before entering it). Widen the prior "
                 "(bounds/sigma) or center it on the anchor (mean)."
             )
-        flat_names = list(summary.flat_names)
+        flat_names = summary.flat
         radii = records.radius.copy()
         if not summary.is_probability:
             unbounded = int(np.isposinf(radii).sum())

@@ -7,12 +7,14 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ._coordinates import FlatCoordinates
 from ._math import logsumexp_mean
 from ._radius import STATUS
 from ._seeding import BOOTSTRAP_STREAM, stream_seed
 
 __all__ = [
     "DirectionRecords",
+    "FlatCoordinates",
     "SAMPLE_COLUMNS",
     "STATUS",
     "samples_frame",

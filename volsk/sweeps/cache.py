@@ -27,14 +27,14 @@ import volsk._pipeline as pipeline
 from .._fingerprint import fingerprint
 from .._version import __version__
 from ..preconditioners.selection import PILOT_COLUMNS
-from ..results import SAMPLE_COLUMNS, STATUS, DirectionRecords
+from ..results import SAMPLE_COLUMNS, STATUS, DirectionRecords, FlatCoordinates
 from .shards import Pilot, Shard
 from .sources import Checkpoint
 
 __all__ = []
 
 #: Version of the record layout and of the keys; records of another format are misses.
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 #: Parameters that cannot change an estimate's numbers: left out of every key.
 NOT_IN_KEY = ("n_jobs", "verbose", "n_threads")
 
@@ -195,7 +195,7 @@ def _pilot_record(pilot, key):
         "eps_table": None if table is None else {c: table[c].tolist() for c in table.columns},
         "start": [pilot.start.radius, pilot.start.slope, pilot.start.bend,
                   pilot.start.evaluations],
-        "summary": [pilot.summary.n_parameters, list(pilot.summary.flat_names),
+        "summary": [pilot.summary.n_parameters, pilot.summary.flat.to_record(),
                     pilot.summary.is_probability],
         "data_fingerprint": pilot.data_fingerprint,
         "content": pilot.content,
@@ -223,11 +223,11 @@ def _pilot_from_record(record):
     summary = field(record, "summary", list)
     try:
         radius, slope, bend, evaluations = start
-        n_parameters, flat_names, is_probability = summary
+        n_parameters, flat, is_probability = summary
         ok = (radius is None or isinstance(radius, float)) and isinstance(slope, float) \
             and isinstance(bend, float) and isinstance(evaluations, int) \
-            and isinstance(n_parameters, int) and isinstance(is_probability, bool) \
-            and isinstance(flat_names, list) and all(isinstance(f, str) for f in flat_names)
+            and isinstance(n_parameters, int) and isinstance(is_probability, bool)
+        flat = FlatCoordinates.from_record(flat)
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -240,7 +240,7 @@ def _pilot_from_record(record):
         bind_eps=float(field(record, "bind_eps", float)),
         eps_table=table,
         start=pipeline.SearchStart(radius, slope, bend, evaluations),
-        summary=pipeline.ProblemSummary(n_parameters, tuple(flat_names), is_probability),
+        summary=pipeline.ProblemSummary(n_parameters, flat, is_probability),
         data_fingerprint=field(record, "data_fingerprint", str),
         content=field(record, "content", str),
         n_threads=n_threads,
