@@ -18,12 +18,16 @@ branches on the cost's name:
 - ``at_anchor(anchor)``: the same cost bound to other anchor outputs (a float64 twin);
 - ``features_first``: present on (N, out) "kl"-on-logits and "mse" costs — the same cost for a
   batch of B transposed outputs (B, out, N) → (B,), as the plain-MLP fast path produces them.
+
+The bound KL keeps one array of the anchor outputs' size and evaluates chunk by chunk of
+tokens (rows), so that a language model's (tokens × vocabulary) outputs are never copied whole.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 
 import torch
@@ -272,90 +276,273 @@ class BoundCost:
         return None
 
 
+# One chunk of the KL's vocabulary-sized temporaries: rows (tokens) × V elements take at most
+# this many bytes in float64 (half of it in float32). Anchors of up to one chunk are evaluated
+# in one piece, exactly as before chunking; larger ones chunk by chunk of rows.
+_KL_CHUNK_BYTES = 32 * 2**20
+
+
 class _BoundKL(BoundCost):
+    """KL(p₀ ‖ p) keeping one vocabulary-sized array, the cache, and per-token vectors.
+
+    The cache is the anchor outputs as the model returned them (``KL()``), their
+    log-probabilities rounded to ``spec.anchor_dtype``, or only each token's top-k
+    log-probabilities and indices plus the remainder's (``spec.top_k``; then ``anchor`` is
+    None). Every vocabulary-sized temporary spans at most one chunk of rows.
+    """
+
     def __init__(self, spec, anchor, output, mask):
         super().__init__(spec, anchor, output, mask)
-        self.log_p0 = to_log_probs(_upcast(anchor), output).detach()
-        self.p0 = self.log_p0.exp()
+        anchor = anchor.detach()
+        top_k, anchor_dtype = spec.top_k, spec.anchor_dtype
+        binary = output in BINARY_KINDS
+        if binary and (top_k is not None or anchor_dtype is not None):
+            raise ValueError(
+                f"KL(top_k=..., anchor_dtype=...) shrinks the cache of distributions over many "
+                f"classes; output={output!r} has two classes, kept as they are: use KL()"
+            )
+        n_classes = 2 if binary else anchor.shape[-1]
+        self._positions = anchor.shape[:-1] if not binary else anchor.shape[:1]
+        self._rows = math.prod(self._positions)
+        self._step = max(1, _KL_CHUNK_BYTES // (8 * n_classes))
+        self._single = binary or self._rows <= self._step
+        self._rounded = anchor_dtype is not None and anchor_dtype != anchor.dtype
+        self._index = None  # (positions, k) int32: the top-k classes, with top_k
+        if top_k is not None:
+            self.anchor = None
+            self._cache_output = "logits"  # the cache holds log-probabilities
+            self._bind_top_k(anchor, min(top_k, n_classes), anchor_dtype)
+            return
+        if self._rounded:
+            self._cache_output = "logits"
+            self._cache = self.anchor = self._chunked_log_probs(anchor, anchor_dtype)
+        else:
+            self._cache_output = output
+            self._cache = anchor
         if output == "logits":
             # KL = lse(z) − lse(z₀) − ⟨p₀, z − z₀⟩ (Σ p₀ = 1): no log_softmax of the perturbed
             # logits (it costs ~5× a logsumexp over a short last axis on the CPU), and exactly
             # 0 at the anchor. The mean over examples (tokens) as weighted sums with per-row
             # weights w; plain elementwise products and sums (not torch.dot, whose batched
             # kernel rounds differently for different numbers of directions).
-            self.z0 = _upcast(anchor).detach()
-            self.lse0 = torch.logsumexp(self.z0, -1)
+            self.lse0 = self._over_rows(
+                lambda _, z0: torch.logsumexp(_upcast(z0), -1), self._cache, self._cache)
             w = torch.ones_like(self.lse0) if mask is None else mask.to(self.lse0.dtype)
             self.w = w / w.sum()
-            self.w_p0 = self.w.unsqueeze(-1) * self.p0
-            if self.z0.ndim == 2:
-                self.z0_t, self.w_p0_t = self.z0.t().contiguous(), self.w_p0.t().contiguous()
+            if self._cache.ndim == 2 and self._single and not self._rounded:
                 self.features_first = self._features_first
 
+    # -- the cache -----------------------------------------------------------------------------
+    def _slices(self):
+        return [slice(s, min(s + self._step, self._rows)) for s in range(0, self._rows,
+                                                                          self._step)]
+
+    def _over_rows(self, fn, outputs, cache):
+        """``fn(outputs rows, cache rows)`` → one value per row, chunk by chunk of rows, in the
+        positions' shape (one chunk: on the whole arrays as they are)."""
+        if self._single:
+            return fn(outputs, cache)
+        out = outputs.reshape(-1, outputs.shape[-1])
+        rows = cache.reshape(-1, cache.shape[-1])
+        return torch.cat([fn(out[sl], rows[sl]) for sl in self._slices()]).reshape(
+            self._positions)
+
+    def _chunked_log_probs(self, anchor, dtype):
+        """Logits of the anchor's distribution rounded to ``dtype``: log p − ⟨p, log p⟩.
+
+        Rounding perturbs each value x_v by about x_v·2^-p, and the KL from the rounded
+        distribution is about half the p-weighted variance of these errors; of all shifts of
+        log p (all logits of p), the one centred on its p-weighted mean makes Σ_v p_v x_v²
+        smallest (lower than raw logits or log p, whose shifts are arbitrary)."""
+        cache = torch.empty(anchor.shape, dtype=dtype, device=anchor.device)
+        rows, V = cache.view(-1, anchor.shape[-1]), anchor.shape[-1]
+        flat = anchor.reshape(-1, V)
+        for sl in self._slices():
+            log_p = to_log_probs(_upcast(flat[sl]), self.output)
+            p = log_p.exp()
+            rows[sl] = log_p - torch.special.xlogy(p, p).sum(-1, keepdim=True)
+        return cache
+
+    def _bind_top_k(self, anchor, k, dtype):
+        V = anchor.shape[-1]
+        self._has_rest = k < V
+        flat = anchor.reshape(-1, V)
+        coarse, index, normalised = [], [], True
+        for sl in self._slices():
+            log_p = to_log_probs(_upcast(flat[sl]), self.output)
+            top, idx = log_p.topk(k, -1)
+            normalised &= bool((torch.logsumexp(log_p.double(), -1).abs() < 1e-6).all())
+            if self._has_rest:
+                rest = torch.logsumexp(log_p.scatter(-1, idx, float("-inf")), -1, keepdim=True)
+                top = torch.cat([top, rest], -1)
+            coarse.append(top if dtype is None else top.to(dtype))
+            index.append(idx.to(torch.int32))
+        self._cache = torch.cat(coarse).reshape(*self._positions, -1)  # (positions, k [+ 1])
+        self._index = torch.cat(index).reshape(*self._positions, k)
+        self._normalised = normalised and not self._rounded
+
+    def _coarse_log_q(self, outputs):
+        """log q of the classes {top-k of the anchor, the rest}: (positions, k [+ 1])."""
+        V = outputs.shape[-1]
+
+        def rows(out, index):
+            log_q = to_log_probs(_upcast(out), self.output)
+            idx = index.long()
+            top = log_q.gather(-1, idx)
+            if not self._has_rest:
+                return top
+            kept = torch.zeros(idx.shape[:-1] + (V,), dtype=torch.bool, device=idx.device)
+            kept.scatter_(-1, idx, True)
+            rest = torch.logsumexp(log_q.masked_fill(kept, float("-inf")), -1, keepdim=True)
+            return torch.cat([top, rest], -1)
+
+        if self._single:
+            return rows(outputs, self._index)
+        out, index = outputs.reshape(-1, V), self._index.reshape(-1, self._index.shape[-1])
+        return torch.cat([rows(out[sl], index[sl]) for sl in self._slices()]).reshape(
+            *self._positions, -1)
+
+    # -- the cost -----------------------------------------------------------------------------
     def __call__(self, outputs):
+        if self._index is not None:
+            log_p0 = torch.log_softmax(_upcast(self._cache), -1)  # (positions, k [+ 1])
+            return _masked_mean(_kl_terms(log_p0, self._coarse_log_q(outputs)), self.mask)
         if self.output == "logits":
-            z = _upcast(outputs)
-            shift = (self.w * (torch.logsumexp(z, -1) - self.lse0)).sum()
-            return shift - (self.w_p0 * (z - self.z0)).sum()
-        log_p = to_log_probs(_upcast(outputs), self.output)
-        # p0 = 0 entries contribute 0 even where log_p = -inf (0·inf would be NaN)
-        terms = torch.where(self.p0 > 0, self.p0 * (self.log_p0 - log_p), torch.zeros_like(log_p))
-        return _masked_mean(terms.sum(-1), self.mask)
+            return self._logits_kl(_upcast(outputs))
+
+        def rows(out, z0):
+            return _kl_terms(to_log_probs(_upcast(z0), self._cache_output),
+                             to_log_probs(_upcast(out), self.output))
+
+        return _masked_mean(self._over_rows(rows, outputs, self._cache), self.mask)
+
+    def _logits_kl(self, z):
+        if self._single:
+            return _logits_kl_rows(z, self._cache, self.w, self.lse0)
+        V = z.shape[-1]
+        z, z0 = z.reshape(-1, V), self._cache.reshape(-1, V)
+        w, lse0 = self.w.reshape(-1), self.lse0.reshape(-1)
+        total = None
+        for sl in self._slices():
+            part = _logits_kl_rows(z[sl], z0[sl], w[sl], lse0[sl])
+            total = part if total is None else total + part
+        return total
 
     def _features_first(self, outputs_t):
         z = _upcast(outputs_t)
+        z0 = _upcast(self._cache)
+        w_p0 = self.w.unsqueeze(-1) * to_log_probs(z0, "logits").exp()
         shift = ((torch.logsumexp(z, 1) - self.lse0) * self.w).sum(1)
-        return shift - ((z - self.z0_t) * self.w_p0_t).sum((1, 2))
+        return shift - ((z - z0.t().contiguous()) * w_p0.t().contiguous()).sum((1, 2))
 
     def at_anchor(self, anchor):
         return _BoundKL(self.spec, anchor, self.output, self.mask)
 
     def taylor(self):
         # KL(p₀ ‖ p): value and slope are 0 at the anchor and d²/dr² = Σ_v p₀ (d log p_v/dr)²
-        # (because Σ_v d²p_v = 0)
+        # (because Σ_v d²p_v = 0); p₀ from the cache, chunk by chunk, at each call
         mask = self.mask
+        if self._index is not None:
+
+            def reduce_coarse(t):
+                p0 = torch.log_softmax(_upcast(self._cache), -1).exp()
+                terms = torch.where(p0 > 0, p0 * t * t, torch.zeros_like(t))
+                return _masked_mean(terms.sum(-1), mask)
+
+            return self._coarse_log_q, reduce_coarse
         if self.output == "logits":
             # d log p/dr = t − ⟨p, t⟩ for logit tangents t: the curvature is p₀'s variance of t
-            p0 = torch.softmax(self.anchor.detach(), -1)
+            rounded = self._rounded
+
+            def variance_rows(t, z0):
+                p0 = torch.softmax(_upcast(z0) if rounded else z0, -1)
+                mean = (p0 * t).sum(-1, keepdim=True)
+                return (p0 * (t - mean) ** 2).sum(-1)
 
             def reduce_logits(t):
-                mean = (p0 * t).sum(-1, keepdim=True)
-                return _masked_mean((p0 * (t - mean) ** 2).sum(-1), mask)
+                return _masked_mean(self._over_rows(variance_rows, t, self._cache), mask)
 
             return (lambda out: out), reduce_logits
-        output = self.output
-        p0 = to_log_probs(self.anchor, output).detach().exp()
+        output, cache_output = self.output, self._cache_output
+
+        def square_rows(t, z0):
+            p0 = to_log_probs(z0, cache_output).exp()
+            return torch.where(p0 > 0, p0 * t * t, torch.zeros_like(t)).sum(-1)
 
         def reduce(t):
-            terms = torch.where(p0 > 0, p0 * t * t, torch.zeros_like(t))
-            return _masked_mean(terms.sum(-1), mask)
+            return _masked_mean(self._over_rows(square_rows, t, self._cache), mask)
 
         return (lambda out: to_log_probs(out, output)), reduce
 
     def ggn_factor(self, anchor, weight):
-        return _fisher_factor(anchor, weight, self.output, self.mask)
+        if self._index is None:
+            return _fisher_factor(anchor, weight, self.output, self.mask)
+        # the Fisher of the coarse-grained distribution {top-k classes, the rest}
+        with torch.no_grad():
+            p = self._coarse_log_q(anchor.detach()).to(torch.float64).exp_()
+        root = p.mul_(_position_weights(weight, p, self.mask)[..., None]).sqrt_()
+        return self._coarse_log_q, root
 
     def hessian_equals_ggn(self):
         # the KL's gradient vanishes at the anchor; its Hessian is the Fisher there when the
-        # model's probabilities sum to one
-        log_p = to_log_probs(self.anchor, self.output)
-        return bool((torch.logsumexp(log_p.to(torch.float64), dim=-1).abs() < 1e-6).all())
+        # model's probabilities sum to one (not so against a rounded anchor distribution)
+        if self._rounded:
+            return False
+        if self._index is not None:
+            return self._normalised
+        log_p_sums = self._over_rows(
+            lambda _, z0: torch.logsumexp(to_log_probs(z0, self.output).to(torch.float64), -1),
+            self._cache, self._cache)
+        return bool((log_p_sums.abs() < 1e-6).all())
 
     def output_hessian_diagonal(self, out, weight, *, logits, folded):
-        return _fisher_logit_diagonal(out, weight, self.mask) if logits else None
+        if not logits:
+            return None
+        diagonal = _fisher_logit_diagonal(out, weight, self.mask)
+        if self._index is None or not self._has_rest:
+            return diagonal
+        # coarse classes G: ∂²C/∂z_v² = q_v − q_v² − p₀(G_v)·(r_v − r_v²), r the softmax within
+        # v's class; singletons have r = 1, so only the rest's classes get the correction
+        with torch.no_grad():
+            idx = self._index.long()
+            kept = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+            kept.scatter_(-1, idx, True)
+            r = torch.softmax(out.detach().masked_fill(kept, float("-inf")), -1)
+            p_rest = torch.softmax(_upcast(self._cache), -1)[..., -1].to(diagonal.dtype)
+            scale = _position_weights(weight, diagonal, self.mask) * p_rest
+            diagonal -= scale[..., None] * (r - r * r)
+        return diagonal
+
+
+def _logits_kl_rows(z, z0, w, lse0):
+    """Σ w (lse(z) − lse0) − Σ w p₀ (z − z₀) over rows of logits z and the anchor's z₀."""
+    z0 = _upcast(z0)
+    shift = (w * (torch.logsumexp(z, -1) - lse0)).sum()
+    w_p0 = to_log_probs(z0, "logits").exp_().mul_(w.unsqueeze(-1))
+    return shift - (w_p0 * (z - z0)).sum()
+
+
+def _kl_terms(log_p0, log_p):
+    """Σ_v p₀ (log p₀ − log p) per row; p₀ = 0 entries add 0 even where log p = -inf (0·inf
+    would be NaN)."""
+    p0 = log_p0.exp()
+    return torch.where(p0 > 0, p0 * (log_p0 - log_p), torch.zeros_like(log_p)).sum(-1)
 
 
 def _fisher_factor(anchor, weight, output, mask):
     """The Fisher of the predictive distribution, Σ_x w_x Σ_c p_c ∇log q_c ∇log q_cᵀ."""
-    log_p = to_log_probs(anchor, output).to(torch.float64)
-    root = (_position_weights(weight, log_p, mask)[..., None] * log_p.exp()).sqrt()
+    log_p = to_log_probs(anchor.detach(), output)
+    # the factor is the one float64 array of the outputs' size: built in place
+    root = log_p.to(torch.float64, copy=log_p.data_ptr() == anchor.data_ptr())
+    root.exp_().mul_(_position_weights(weight, root, mask)[..., None]).sqrt_()
     return (lambda out: to_log_probs(out, output)), root
 
 
 def _fisher_logit_diagonal(logits, weight, mask):
     """diag ∂²C/∂z² = w (q − q²) for the softmax's logits z, w each position's weight."""
-    q = torch.softmax(logits, dim=-1)
-    return _position_weights(weight, q, mask)[..., None] * (q - q * q)
+    q = torch.softmax(logits.detach(), dim=-1)
+    q.sub_(q * q)  # one array besides the result
+    return q.mul_(_position_weights(weight, q, mask)[..., None])
 
 
 class _BoundCrossEntropy(BoundCost):
@@ -530,6 +717,27 @@ class KL(Cost):
     Outputs are read as a distribution per example (or token): logits, probabilities or
     log-probabilities over the last axis, or a binary classifier's single logit/probability.
 
+    The bound cost keeps one array of the anchor outputs' size (the cache) and per-token
+    vectors; it evaluates the KL chunk by chunk of tokens, so that no temporary spans more
+    than one chunk of (tokens × vocabulary) values. Two options shrink the cache of a
+    language model's (tokens × vocabulary) outputs further, each changing the cost a little.
+
+    Parameters
+    ----------
+    anchor_dtype : torch.dtype or str, optional
+        Cache the anchor's log-probabilities in this floating dtype (``torch.bfloat16`` or
+        ``"bfloat16"`` halves a float32 cache). The KL is then measured from the rounded anchor
+        distribution: it is not exactly 0 at the anchor (about the squared rounding error of
+        the likely classes' log-probabilities), and the radii shrink accordingly. Rounding log
+        p (close to 0 where p is large) disturbs the KL far less than rounding the logits.
+        None (default): the outputs as the model returns them.
+    top_k : int, optional
+        Keep, per token, only the anchor's k most likely classes and the remaining mass, and
+        compare the coarse-grained distributions over {the k classes, the rest}. By the
+        data-processing inequality this KL is at most the full one: radii are at least as long
+        and the estimated volume is biased upwards; it equals the full KL when k is the number
+        of classes. The cache takes tokens × (k + 1) values and k int32 indices.
+
     Examples
     --------
     >>> import torch
@@ -537,13 +745,57 @@ class KL(Cost):
     >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     >>> float(KL().bind(logits)(logits))
     0.0
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> anchor = torch.randn(4, 16, 1000, generator=gen)  # 4 sequences × 16 tokens × 1000
+    >>> moved = anchor + 0.1 * torch.randn(4, 16, 1000, generator=gen)
+    >>> full = float(KL().bind(anchor)(moved))
+    >>> coarse = float(KL(top_k=100).bind(anchor)(moved))
+    >>> coarse <= full
+    True
+    >>> rounded = float(KL(anchor_dtype=torch.bfloat16).bind(anchor)(moved))
+    >>> abs(rounded - full) < 0.01 * full
+    True
     """
 
     name = "kl"
     reads_distributions = True
 
+    def __init__(self, *, anchor_dtype=None, top_k=None):
+        self.anchor_dtype = _check_anchor_dtype(anchor_dtype)
+        self.top_k = _check_top_k(top_k)
+
     def bind(self, anchor_outputs, *, output="logits", y=None, mask=None):
         return _BoundKL(self, anchor_outputs, output, check_token_mask(mask, anchor_outputs))
+
+    def __repr__(self):
+        options = [f"{name}={value!r}" for name, value in
+                   (("anchor_dtype", self.anchor_dtype), ("top_k", self.top_k))
+                   if value is not None]
+        return f"KL({', '.join(options)})"
+
+
+def _check_anchor_dtype(anchor_dtype):
+    if anchor_dtype is None:
+        return None
+    dtype = getattr(torch, anchor_dtype, None) if isinstance(anchor_dtype, str) else (
+        anchor_dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"anchor_dtype must be None (cache the anchor outputs as the model returns them) "
+            f"or a floating torch dtype such as torch.bfloat16, got {anchor_dtype!r}"
+        )
+    return dtype
+
+
+def _check_top_k(top_k):
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(
+            f"top_k must be None (compare the full distributions) or a positive int, the "
+            f"number of each token's most likely classes kept, got {top_k!r}"
+        )
+    return int(top_k)
 
 
 class CrossEntropy(Cost):

@@ -26,6 +26,7 @@ from .._fingerprint import fingerprint
 from .._threads import fit_threads, resolve_n_threads, trainable_parameters
 from ..estimator import LocalVolumeEstimator
 from ..preconditioners import EPS_GRID
+from ..preconditioners.curvature.optimizer_state import load_optimizer_state
 from ..results import DirectionRecords
 from .sources import load_model
 
@@ -103,9 +104,16 @@ def _prepared(source, X, y, attention_mask, question, eps) -> _Prepared:
             problem = pipeline.prepare(model, X, y, est._settings(), eps=eps,
                                        n_directions=question.n_directions, seed=question.seed,
                                        optimizer=optimizer, attention_mask=attention_mask)
-        state = None if optimizer is None else fingerprint(optimizer.state_dict())
+        state = None if optimizer is None else fingerprint(_optimizer_state(optimizer))
         _problems[key] = _Prepared(problem, n_threads, state)
         return _problems[key]
+
+
+def _optimizer_state(optimizer):
+    """What an optimizer argument holds: a live optimizer's, a dict's or a file's state_dict."""
+    if isinstance(optimizer, str | os.PathLike):
+        return load_optimizer_state(optimizer)
+    return optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
 
 
 def _keep(question, eps, prepared):

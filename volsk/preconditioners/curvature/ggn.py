@@ -1,20 +1,38 @@
-"""The exact generalised Gauss–Newton (Fisher) matrix of the cost, from per-example Jacobians.
+"""The generalised Gauss–Newton (Fisher) matrix of the cost: exactly, from per-example
+Jacobians, or its diagonal by Monte Carlo over output-space cotangents.
 
 GGN = Σ_x Jᵀ H_out J. For "kl" and "cross_entropy" it is the Fisher information of the
 predictive distribution, Σ_x w_x Σ_c p_c ∇log q_c ∇log q_cᵀ (w_x the cost's weight of example
 or token x, 1/N for a plain mean); at the anchor it *equals* the Hessian of the KL cost (its
 gradient vanishes there) and of "mse" (the residual term vanishes where outputs = anchor
 outputs).
+
+The exact route holds one example's Jacobian, (outputs per example) × n_active entries: for
+a language model, tokens × vocabulary × n_active. :func:`sampled_ggn_diagonal` needs one
+backward pass per sample and memory for one data batch's activations and outputs;
+:func:`gauss_newton_diagonal` chooses between the two.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
-from torch.func import jacrev, vmap
+from torch.func import jacrev, vjp, vmap
 
 from ..._evaluate import memory_budget
 
-__all__ = ["ggn_diagonal", "ggn_matrix"]
+__all__ = ["ggn_diagonal", "ggn_matrix", "sampled_ggn_diagonal", "gauss_newton_diagonal",
+           "ggn_route", "exact_jacobian_bytes", "GGN_METHODS"]
+
+#: How :func:`gauss_newton_diagonal` may compute the diagonal.
+GGN_METHODS = ("auto", "exact", "sampled")
+# The exact route's smallest chunk is one example's Jacobian; "auto" takes it while that fits
+# in this many bytes (or the device's memory budget, if larger).
+EXACT_JACOBIAN_BYTES = 1 << 30
+# bytes per Jacobian entry in the exact route: the model-dtype Jacobian, its float64 copy and
+# the root-weighted rows
+_JACOBIAN_ENTRY_BYTES = 24
 
 
 def _example_axes(X):
@@ -77,7 +95,8 @@ def _ggn_rows(target, what):
         batch = ev.batches[part.batch]
         x_axes = _example_axes(batch.X)
         kw_axes = _kwarg_axes(batch.kwargs, batch.n)
-        chunk = max(1, min(batch.n, memory_budget(ev.device) // (24 * root[:1].numel() * n_a)))
+        chunk = max(1, min(batch.n, memory_budget(ev.device)
+                                // (_JACOBIAN_ENTRY_BYTES * root[:1].numel() * n_a)))
 
         def one(active, x, kw, transform=transform, x_axes=x_axes, kw_axes=kw_axes):
             out = _outputs_on(ev, target.flat(active), _unsqueeze(x, x_axes),
@@ -135,3 +154,154 @@ def ggn_matrix(target) -> torch.Tensor:
         for S in _ggn_rows(target, "the Fisher / Gauss–Newton matrix"):
             F.addmm_(S.T, S)
     return F
+
+
+def _rademacher_cotangent(root, generator):
+    """root ⊙ v for v uniform on {−1, 1}^root.shape, drawn on the CPU (the same numbers on every
+    device) as int8 and turned into root's dtype in place: one outputs-sized buffer."""
+    signs = torch.randint(0, 2, root.shape, generator=generator, dtype=torch.int8)
+    v = signs.to(device=root.device, dtype=root.dtype)
+    return v.mul_(2).sub_(1).mul_(root)
+
+
+def _squared_gradient_samples(target, samples, seed, what):
+    """Yield ``(part, g²)`` for each data batch (outer) and sample (inner): g = J_bᵀ(root ⊙ v)
+    with v Rademacher over the batch's outputs, (n_active,) float64 squares.
+
+    One forward pass per batch (its graph kept for the batch's samples), one backward pass per
+    sample; the Rademacher signs come from one CPU generator seeded with ``seed``, in this
+    order, so the numbers do not depend on the device or on anything but (seed, samples,
+    data batches).
+    """
+    ev = target.evaluator
+    a0 = target.anchor
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    for part in target.parts:
+        transform, root = target.ggn_factor(part, what)
+
+        def f(active, part=part, transform=transform):
+            return transform(ev.outputs(target.flat(active), part.batch))
+
+        out, pull = vjp(f, a0)
+        root = root.to(out.dtype)
+        del out  # the graph keeps what the backward passes need
+        for _ in range(int(samples)):
+            (g,) = pull(_rademacher_cotangent(root, generator))
+            yield part, g.detach().to(torch.float64).pow_(2)
+        del pull
+
+
+def sampled_ggn_diagonal(target, samples=64, seed=None) -> torch.Tensor:
+    """Monte-Carlo diagonal of the Gauss–Newton / Fisher matrix, (n_active,) float64.
+
+    The GGN of data batch b is G_b = J_bᵀ diag(root²) J_b, with J_b the Jacobian of the cost's
+    output transform on all of the batch's K_b outputs (examples × tokens × classes) and root
+    from ``BoundCost.ggn_factor`` (it carries the batch's weight in the cost and the token
+    mask). For v uniform on {−1, 1}^{K_b} and g = J_bᵀ(root ⊙ v) — one backward pass —
+
+        E[g_i²] = Σ_{k,l} J_ki root_k J_li root_l E[v_k v_l] = Σ_k J_ki² root_k² = (G_b)_ii,
+
+    because E[v_k v_l] = 0 for k ≠ l: the cross terms between different outputs, classes,
+    tokens *and examples* of the batch vanish in expectation, so squaring the gradient summed
+    over the batch is unbiased (a v shared by the examples of a batch, or one sign per example,
+    would not be: its cross terms between examples do not vanish). The estimate is
+    (1/S) Σ_s Σ_b g_{b,s}², each batch's gradient squared on its own (squaring the sum over
+    batches would add cross terms of mean zero: variance, no information).
+
+    Variance: with a_k = J_ki root_k, Var(g_i²) = 2[(Σ_k a_k²)² − Σ_k a_k⁴] ≤ 2 (G_b)_ii², so
+    every coordinate's relative standard error is at most sqrt(2/S), whatever the predictive
+    distribution (a Gaussian v has exactly that; Rademacher is never worse). The alternative
+    for the Fisher, one label per position sampled from the anchor's distribution, is unbiased
+    too (its cross terms have mean Σ_c ∇q_c = 0 at the anchor), but its relative variance has
+    no bound: a vocabulary row whose token has probability p is seen with probability ~p per
+    position and sample, so its estimate is mostly 0 and its relative variance ~1/p.
+
+    Memory: one data batch's forward graph and a few buffers the size of its outputs — never
+    outputs × n_active. The numbers depend only on ``seed``, ``samples`` and the data batches.
+
+    Parameters
+    ----------
+    target : CurvatureTarget
+        Its cost must have a Gauss–Newton factor ("kl", "cross_entropy", "mse").
+    samples : int, default=64
+        Backward passes per data batch.
+    seed : int, optional
+        Seed of the Rademacher signs (default: ``target.random_state``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk._evaluate import FunctionalModel
+    >>> from volsk.costs import make_cost
+    >>> from volsk.preconditioners import PreconditionerContext
+    >>> from volsk.preconditioners.curvature.ggn import ggn_diagonal, sampled_ggn_diagonal
+    >>> from volsk.preconditioners.curvature.target import curvature_target
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5))
+    >>> ev = FunctionalModel(model, torch.randn(64, 3), "cpu")
+    >>> ctx = PreconditionerContext(ev, make_cost("kl", ev.anchor_outputs()),
+    ...                             torch.ones(41, dtype=torch.bool), random_state=0)
+    >>> target = curvature_target(ctx)
+    >>> estimate, exact = sampled_ggn_diagonal(target, samples=400), ggn_diagonal(target)
+    >>> bool(((estimate - exact).abs() <= 0.36 * exact).all())  # 5 × sqrt(2/400) relative
+    True
+    """
+    if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    seed = target.random_state if seed is None else seed
+    out = torch.zeros(target.n_active, dtype=torch.float64, device=target.cols.device)
+    for _part, square in _squared_gradient_samples(target, samples, seed,
+                                                   "the sampled Gauss–Newton diagonal"):
+        out += square
+    return out / samples
+
+
+def exact_jacobian_bytes(target) -> int:
+    """Bytes the exact route needs at least: one example's Jacobian (outputs × n_active) with
+    its float64 copies, for the data batch with the most outputs per example."""
+    ev = target.evaluator
+    outputs = max(ev.anchor_outputs(part.batch).numel() // max(1, ev.batches[part.batch].n)
+                  for part in target.parts)
+    return _JACOBIAN_ENTRY_BYTES * outputs * target.n_active
+
+
+def ggn_route(target, method="auto") -> str:
+    """The route :func:`gauss_newton_diagonal` takes: "exact" or "sampled".
+
+    ``"auto"``: exact while one example's Jacobian (:func:`exact_jacobian_bytes`) fits in
+    1 GiB or the device's memory budget, whichever is larger — a classifier's few outputs per
+    example — sampled otherwise (a language model's tokens × vocabulary).
+    """
+    if method not in GGN_METHODS:
+        raise ValueError(f"method must be one of {GGN_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    limit = max(EXACT_JACOBIAN_BYTES, memory_budget(target.cols.device))
+    return "exact" if exact_jacobian_bytes(target) <= limit else "sampled"
+
+
+def gauss_newton_diagonal(target, method="auto", samples=64, seed=None) -> torch.Tensor:
+    """The Gauss–Newton diagonal, exactly or by Monte Carlo: (n_active,) float64.
+
+    ``method="exact"``: :func:`ggn_diagonal` (per-example Jacobians); ``"sampled"``:
+    :func:`sampled_ggn_diagonal` with ``samples`` backward passes per data batch; ``"auto"``:
+    the route :func:`ggn_route` chooses from the memory one example's Jacobian needs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk._evaluate import FunctionalModel
+    >>> from volsk.costs import make_cost
+    >>> from volsk.preconditioners import PreconditionerContext
+    >>> from volsk.preconditioners.curvature.ggn import ggn_diagonal, gauss_newton_diagonal
+    >>> from volsk.preconditioners.curvature.target import curvature_target
+    >>> model = torch.nn.Linear(3, 2)
+    >>> ev = FunctionalModel(model, torch.randn(8, 3), "cpu")
+    >>> ctx = PreconditionerContext(ev, make_cost("kl", ev.anchor_outputs()),
+    ...                             torch.ones(8, dtype=torch.bool))
+    >>> target = curvature_target(ctx)
+    >>> bool(torch.equal(gauss_newton_diagonal(target), ggn_diagonal(target)))  # 2 outputs
+    True
+    """
+    if ggn_route(target, method) == "exact":
+        return ggn_diagonal(target)
+    return sampled_ggn_diagonal(target, samples, seed)

@@ -1,4 +1,5 @@
-"""The exact Hessian of the cost from Hessian-vector products, or Hutchinson's diagonal.
+"""The Hessian of the cost at the anchor: exactly from Hessian-vector products, its diagonal
+exactly or by Monte Carlo (the Gauss–Newton diagonal where it equals the Hessian's).
 
 Hessian-vector products are forward-over-reverse (``jvp`` of ``jacrev``), vmapped over a block
 of vectors and summed over data batches with the cost's weights.
@@ -12,9 +13,9 @@ import torch
 from torch.func import jacrev, jvp, vmap
 
 from ..._evaluate import memory_budget
-from .ggn import ggn_diagonal
+from .ggn import GGN_METHODS, gauss_newton_diagonal
 
-__all__ = ["hessian_matrix", "hessian_diagonal", "exact_hessian_diagonal"]
+__all__ = ["hessian_matrix", "hessian_diagonal", "anchor_hessian_diagonal"]
 
 
 def _hvp_batches(target, vectors_fn, total):
@@ -71,22 +72,34 @@ def hessian_diagonal(target, probes=None) -> torch.Tensor:
     return out / int(probes)
 
 
-def exact_hessian_diagonal(target, probes=None, max_exact=5000) -> torch.Tensor:
-    """The exact diagonal of the cost's Hessian at the anchor, by the cheapest exact route.
+def anchor_hessian_diagonal(target, probes=None, max_exact=5000, *, method="auto",
+                            samples=64) -> torch.Tensor:
+    """The diagonal of the cost's Hessian at the anchor, (n_active,) float64.
 
     "kl" (with normalised probabilities) and "mse": the Gauss–Newton diagonal, which equals the
-    Hessian's at the anchor; anything else ("cross_entropy", callables): Hessian-vector
-    products — n_active of them when ``probes`` is None and n_active ≤ ``max_exact``,
-    otherwise Hutchinson with ``probes`` (default 64) Rademacher vectors.
+    Hessian's at the anchor, by :func:`~.ggn.gauss_newton_diagonal` (``method``: "exact" from
+    per-example Jacobians, "sampled" by Monte Carlo with ``samples`` backward passes per data
+    batch, "auto" exact while one example's Jacobian fits in memory); ``probes`` and
+    ``max_exact`` do not apply. Anything else ("cross_entropy", callables): Hessian-vector
+    products — "exact": n_active of them; "sampled": Hutchinson's estimate with ``probes``
+    (default ``samples``) Rademacher vectors; "auto": exact when ``probes`` is None and
+    n_active ≤ ``max_exact``, Hutchinson otherwise (with a warning when ``probes`` was not
+    given).
     """
+    if method not in GGN_METHODS:
+        raise ValueError(f"method must be one of {GGN_METHODS}, got {method!r}")
     if all(part.cost.hessian_equals_ggn() for part in target.parts):
-        return ggn_diagonal(target)
+        return gauss_newton_diagonal(target, method, samples)
+    if method == "exact":
+        return hessian_diagonal(target, None)
+    if method == "sampled":
+        return hessian_diagonal(target, samples if probes is None else probes)
     if probes is None and target.n_active > max_exact:
         warnings.warn(
             f"the exact Hessian diagonal would take {target.n_active} Hessian-vector products "
-            f"(> max_exact={max_exact}); using Hutchinson's estimate with 64 probes",
+            f"(> max_exact={max_exact}); using Hutchinson's estimate with {samples} probes",
             RuntimeWarning,
             stacklevel=3,
         )
-        probes = 64
+        probes = samples
     return hessian_diagonal(target, probes)

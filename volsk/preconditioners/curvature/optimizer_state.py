@@ -1,17 +1,29 @@
 """Adam's bias-corrected moments read from an optimizer's state, mapped to the model's parameters.
 
-The state is matched to parameters by identity (``optimizer.state[p]``) or, for a
-``state_dict()``, by param-group order checked against the parameters' shapes; never guessed
-from values.
+The state comes as the optimizer object, its ``state_dict()``, or a file holding one
+(``torch.save(optimizer.state_dict(), path)``, a Hugging Face ``Trainer`` checkpoint's
+``optimizer.pt``). It is matched to parameters by identity (``optimizer.state[p]``) or, for a
+state_dict, by the parameter names it records, else by param-group order checked against the
+parameters' shapes (:func:`in_model_order`); never guessed from values.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 
 import torch
+from torch import nn
 
-__all__ = ["optimizer_moment"]
+__all__ = ["optimizer_moment", "load_optimizer_state", "in_model_order"]
+
+# Hugging Face Trainer.get_decay_parameter_names: parameters of LayerNorm modules and those
+# whose lower-cased name matches one of these get no weight decay (its second param group)
+_NO_DECAY_PATTERNS = [re.compile(p) for p in
+                      (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                       r"_norm(?:$|\.)")]
 
 
 def _betas(group, what):
@@ -58,9 +70,11 @@ def optimizer_moment(optimizer, module, moment=2, what="'adam'") -> torch.Tensor
 
     Parameters
     ----------
-    optimizer : torch.optim.Optimizer or dict
-        The optimizer object (state mapped by parameter identity) or its ``state_dict()``
-        (mapped by param-group order against ``module.parameters()``, checked by shape).
+    optimizer : torch.optim.Optimizer, dict, str or os.PathLike
+        The optimizer object (state mapped by parameter identity), its ``state_dict()`` or a
+        file holding one, or a checkpoint folder holding ``optimizer.pt`` (read by
+        :func:`load_optimizer_state`; mapped to ``module.parameters()`` by
+        :func:`in_model_order`).
     module : torch.nn.Module
         The user's module (read only).
     moment : {1, 2}
@@ -83,16 +97,20 @@ def optimizer_moment(optimizer, module, moment=2, what="'adam'") -> torch.Tensor
     if optimizer is None:
         raise ValueError(
             f"preconditioner {what} needs the optimizer state: pass "
-            "fit(model, X, optimizer=<the torch optimizer or its state_dict()>), or a fitted "
+            "fit(model, X, optimizer=<the torch optimizer, its state_dict(), or the path of a "
+            "saved state_dict such as a Trainer checkpoint's optimizer.pt>), or a fitted "
             "skorch net (its optimizer_ is used)"
         )
+    if isinstance(optimizer, (str, os.PathLike)):
+        optimizer = load_optimizer_state(optimizer)
     trainable = _trainable(module)
     if isinstance(optimizer, dict):
-        return _moment_from_state_dict(optimizer, module, trainable, moment, what)
+        ordered = in_model_order(_checked_state_dict(optimizer), module)
+        return _moment_from_state_dict(ordered, module, trainable, moment, what)
     if not (hasattr(optimizer, "state") and hasattr(optimizer, "param_groups")):
         raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer or its state_dict(), got "
-            f"{type(optimizer).__name__}"
+            f"optimizer must be a torch.optim.Optimizer, its state_dict() or the path of a file "
+            f"holding one, got {type(optimizer).__name__}"
         )
     pieces = []
     for name, p in trainable:
@@ -109,9 +127,6 @@ def optimizer_moment(optimizer, module, moment=2, what="'adam'") -> torch.Tensor
 
 
 def _moment_from_state_dict(sd, module, trainable, moment, what):
-    if "state" not in sd or "param_groups" not in sd:
-        raise ValueError("optimizer given as a dict must be an optimizer state_dict() "
-                         "(keys 'state' and 'param_groups')")
     order = [(i, g) for g in sd["param_groups"] for i in g["params"]]
     everything = list(module.named_parameters())
     if len(order) == len(everything):
@@ -137,3 +152,194 @@ def _moment_from_state_dict(sd, module, trainable, moment, what):
             )
         pieces.append(_moment_from_state(state, g, name, p.shape, moment, what).reshape(-1))
     return torch.cat(pieces)
+
+
+def _checked_state_dict(sd, source="optimizer given as a dict"):
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError(f"{source} must be an optimizer state_dict() (keys 'state' and "
+                         "'param_groups'): save it with torch.save(optimizer.state_dict(), path)")
+    return sd
+
+
+def load_optimizer_state(path) -> dict:
+    """An optimizer ``state_dict`` read from a file, as the optimizer saved it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by ``torch.save(optimizer.state_dict(), path)`` — a Hugging Face
+        ``Trainer`` checkpoint's ``optimizer.pt`` is one — or a checkpoint folder holding
+        ``optimizer.pt``. Read with ``torch.load(path, map_location="cpu",
+        weights_only=True)``: tensors and plain values only, no code runs.
+
+    Returns
+    -------
+    dict
+        The state_dict (keys ``state`` and ``param_groups``), in the optimizer's own order:
+        :func:`in_model_order` maps it to a model's parameters.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from volsk.preconditioners.curvature.optimizer_state import load_optimizer_state
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.Adam(net.parameters())
+    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     torch.save(opt.state_dict(), f"{folder}/optimizer.pt")
+    ...     sorted(load_optimizer_state(folder)["state"][0])
+    ['exp_avg', 'exp_avg_sq', 'step']
+    """
+    p = Path(os.fspath(path))
+    if p.is_dir():
+        if not (p / "optimizer.pt").is_file():
+            raise ValueError(f"optimizer folder {str(path)!r} has no optimizer.pt: pass the file "
+                             "written by torch.save(optimizer.state_dict(), path)")
+        p = p / "optimizer.pt"
+    if not p.is_file():
+        raise ValueError(f"optimizer state file {str(path)!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+        raise ValueError(f"cannot read optimizer state {str(path)!r}: {exc}") from None
+    return _checked_state_dict(state, repr(str(path)))
+
+
+def in_model_order(state_dict, module):
+    """The state_dict with one param group per trainable parameter, in ``module.parameters()``
+    order.
+
+    An optimizer numbers its state group by group; when its param groups are not one list in
+    the model's order (Hugging Face's ``Trainer`` puts the weights that get weight decay in
+    one group and biases and normalisation weights in another, each in
+    ``named_parameters()`` order), the entries are matched to the parameters by the first rule
+    that applies:
+
+    1. the groups record parameter names (``param_names``: an optimizer built from
+       ``model.named_parameters()``, torch ≥ 2.6): by name;
+    2. one group: as it is (``optimizer_moment`` checks its shapes);
+    3. each group in the model's order (as Trainer builds them), the groups interleaved back
+       by the parameters' shapes: the interleaving, where the shapes allow only one;
+    4. several allowed, and the state has Trainer's two groups (the second without weight
+       decay): the one Trainer's rule makes — a parameter of a LayerNorm, or whose name
+       contains "bias", "layernorm", "rmsnorm" or a "norm" component, in the second group —
+       if the shapes allow it.
+
+    Otherwise (no interleaving, or several and none of them Trainer's) it raises ValueError:
+    two same-shaped parameters in different groups could be swapped and nothing in the file
+    says which is which.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.preconditioners.curvature.optimizer_state import in_model_order
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    >>> w, b = [net[0].weight, net[1].weight], [net[0].bias, net[1].bias]
+    >>> opt = torch.optim.Adam([{"params": w}, {"params": b, "weight_decay": 0.0}])
+    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> [g["params"] for g in in_model_order(opt.state_dict(), net)["param_groups"]]
+    [[0], [2], [1], [3]]
+    """
+    groups = state_dict["param_groups"]
+    trainable = _trainable(module)
+    if groups and all("param_names" in g for g in groups):
+        return _by_name(state_dict, trainable)
+    if len(groups) <= 1:
+        return state_dict
+    shapes = {}
+    for i, entry in state_dict["state"].items():
+        tensors = [v for v in entry.values() if hasattr(v, "shape") and len(v.shape) > 0]
+        if tensors:
+            shapes[int(i)] = tuple(tensors[0].shape)
+    ids = [[int(i) for i in g["params"]] for g in groups]
+    targets = [tuple(p.shape) for _, p in trainable]
+    if sum(map(len, ids)) != len(targets):
+        return state_dict  # optimizer_moment reports the count mismatch
+    missing = [i for g in ids for i in g if i not in shapes]
+    if missing:
+        raise ValueError(
+            f"the optimizer state has no moments for entry {missing[0]} (a parameter that never "
+            "had a gradient), so its param groups cannot be matched to the model's parameters "
+            "by shape. Pass the optimizer object instead")
+    order = _interleaving(ids, shapes, targets)
+    if order is None:
+        order = _trainers_grouping(groups, ids, shapes, trainable, module)
+    if order is None:
+        raise ValueError(
+            f"the optimizer state's {len(ids)} param groups can be matched to the model's "
+            "parameters in more than one way by shape, and not by Hugging Face Trainer's "
+            "weight-decay grouping: the order is ambiguous. Pass the optimizer object, build "
+            "the optimizer from model.named_parameters() (its state_dict then names them), or "
+            "save the optimizer state with one param group in model.parameters() order")
+    new_groups = [{**groups[g], "params": [i]} for i, g in order]
+    return {"state": state_dict["state"], "param_groups": new_groups}
+
+
+def _by_name(state_dict, trainable):
+    where = {name: (i, g) for g, group in enumerate(state_dict["param_groups"])
+             for name, i in zip(group["param_names"], group["params"], strict=True)}
+    names = {name for name, _ in trainable}
+    unknown = sorted(set(where) - names)
+    absent = [name for name, _ in trainable if name not in where]
+    if unknown or absent:
+        raise ValueError(
+            "the optimizer state names parameters "
+            + (f"the model does not have ({', '.join(map(repr, unknown[:3]))})" if unknown
+               else f"but not the model's {', '.join(map(repr, absent[:3]))}")
+            + ": it does not belong to this model (or the model's trainable parameters changed)")
+    groups = state_dict["param_groups"]
+    new_groups = []
+    for name, _ in trainable:
+        i, g = where[name]
+        new_groups.append({**groups[g], "params": [i], "param_names": [name]})
+    return {"state": state_dict["state"], "param_groups": new_groups}
+
+
+def _interleaving(ids, shapes, targets):
+    """The one way to interleave the groups (each kept in order) into ``targets``' shapes as
+    [(entry, group), ...]; None if there are several; ValueError if there is none."""
+    # paths through (position in each group), parameter by parameter; counts capped at 2:
+    # only "none", "one" or "more" matters
+    layer = {(0,) * len(ids): 1}
+    came_from = {}
+    for target in targets:
+        following = {}
+        for pos, count in layer.items():
+            for g, at in enumerate(pos):
+                if at < len(ids[g]) and shapes[ids[g][at]] == target:
+                    nxt = pos[:g] + (at + 1,) + pos[g + 1:]
+                    following[nxt] = min(2, following.get(nxt, 0) + count)
+                    came_from.setdefault(nxt, (pos, ids[g][at], g))
+        layer = following
+    n_ways = sum(layer.values())
+    if n_ways == 0:
+        raise ValueError(
+            f"the optimizer state's {len(ids)} param groups can be matched to the model's "
+            "parameters in no way by shape: the state does not belong to this model")
+    if n_ways > 1:
+        return None
+    pos, order = next(iter(layer)), []
+    while any(pos):
+        pos, i, g = came_from[pos]
+        order.append((i, g))
+    order.reverse()
+    return order
+
+
+def _trainers_grouping(groups, ids, shapes, trainable, module):
+    """Hugging Face Trainer's (decay, no decay) interleaving if the state has its two groups
+    and the shapes allow it, else None."""
+    if len(groups) != 2 or float(groups[1].get("weight_decay", 0.0)) != 0.0:
+        return None
+    in_norm = {f"{prefix}.{name}" if prefix else name
+               for prefix, m in module.named_modules() if isinstance(m, nn.LayerNorm)
+               for name, _ in m.named_parameters(recurse=False)}
+    order, at = [], [0, 0]
+    for name, p in trainable:
+        no_decay = name in in_norm or any(r.search(name.lower()) for r in _NO_DECAY_PATTERNS)
+        g = int(no_decay)
+        if at[g] >= len(ids[g]) or shapes[ids[g][at[g]]] != tuple(p.shape):
+            return None
+        order.append((ids[g][at[g]], g))
+        at[g] += 1
+    return order
