@@ -23,13 +23,13 @@ from volsk._estimate_command import (
     MEASURE_NAMES,
     OUTPUT_NAMES,
     PRECONDITIONER_NAMES,
-    in_model_order,
 )
 from volsk._evaluate_large import EVALUATIONS
 from volsk.cli import demo, main
 from volsk.costs import COSTS, OUTPUT_KINDS
 from volsk.measures import MEASURES
 from volsk.preconditioners import PRECONDITIONERS
+from volsk.preconditioners.curvature.optimizer_state import in_model_order
 
 
 def test_demo_prints_the_table_for_clean_and_poisoned_nets():
@@ -290,6 +290,15 @@ def test_every_estimator_option_reaches_the_estimator(saved, capsys, monkeypatch
         preconditioner_eps="auto", preconditioner_exponent=0.25, rtol=1e-2, batch_size=2,
         data_batch_size=10, evaluation="vmap", device="cpu", random_state=3, n_jobs=1,
         n_threads=1, verbose=0)
+
+
+def test_the_exponent_can_be_chosen_by_the_pilot(saved, capsys):
+    out = estimate_json(capsys, saved.model, saved.inputs, "--sigma", 0.5, "--preconditioner",
+                        "diag_hessian", "--preconditioner-exponent", "auto", "--n-samples", 4)
+    est = LocalVolumeEstimator(sigma=0.5, preconditioner="diag_hessian", n_samples=4,
+                               preconditioner_exponent="auto", random_state=0)
+    est.fit(saved.net, saved.X)
+    assert out["log_volume"] == est.log_volume_
 
 
 def test_hugging_face_model_folder(tmp_path, capsys):

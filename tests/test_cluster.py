@@ -372,3 +372,35 @@ def test_ray_local_cluster_through_joblib_gives_the_one_process_estimate(problem
     finally:
         ray.shutdown()
     assert frame["log_volume"].tolist() == [one.log_volume_] * 2
+
+
+def with_saved_optimizer(path):
+    """A model source whose optimizer state is a file on disk (importable by workers)."""
+    return {"model": net_factory(), "optimizer": str(path)}
+
+
+def test_an_optimizer_state_file_travels_to_the_shards(problem, tmp_path):
+    import copy
+    import functools
+
+    _net, X, _ckpt = problem
+    trained = copy.deepcopy(net_factory())  # the state belongs to the source's parameters
+    opt = torch.optim.Adam(trained.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        trained(X).pow(2).mean().backward()
+        opt.step()
+    path = tmp_path / "optimizer.pt"
+    torch.save(opt.state_dict(), path)
+    est = LocalVolumeEstimator(n_samples=12, sigma=0.5, preconditioner="adam", random_state=3)
+    one = fresh(est).fit(net_factory(), X, optimizer=str(path))
+    sharded = fit_sharded(fresh(est), functools.partial(with_saved_optimizer, path), X,
+                          shard_size=5)
+    assert_same_fit(one, sharded)
+
+
+def test_a_boundary_fitted_preconditioner_is_refused_with_the_way_out(problem):
+    net, X, _ckpt = problem
+    est = LocalVolumeEstimator(n_samples=8, sigma=0.5, preconditioner="boundary")
+    with pytest.raises(ValueError, match="does not fit a BoundaryFitted.*n_jobs"):
+        fit_sharded(est, net, X)

@@ -147,7 +147,10 @@ def test_large_mode_gives_the_vmapped_estimate_to_rounding(dtype, rtol, kw):
     np.testing.assert_allclose(large.samples_["log_weight"], vmapped.samples_["log_weight"],
                                rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(large.sample_log_volumes_, vmapped.sample_log_volumes_, rtol=rtol)
-    np.testing.assert_allclose(large.radii_, vmapped.radii_, rtol=rtol)
+    # a float32 cost's rounding (the two modes sum in different orders) moves a crossing by
+    # up to a few 1e-5 of its radius, e.g. along the float32-mapped "hessian" directions
+    np.testing.assert_allclose(large.radii_, vmapped.radii_,
+                               rtol=rtol if dtype == torch.float64 else 5 * rtol)
     assert large.log_volume_ == pytest.approx(vmapped.log_volume_, rel=rtol)
     assert large.n_evaluations_ == vmapped.n_evaluations_
     assert large.n_pilot_evaluations_ == vmapped.n_pilot_evaluations_

@@ -89,6 +89,8 @@ def test_hutchinson_of_the_projected_ggn_is_unbiased():
 @pytest.mark.filterwarnings("ignore::volsk.results.LowEffectiveSampleSizeWarning")
 def test_lowrank_at_full_rank_reproduces_the_full_matrix_estimate():
     model, X = small_mlp(n=100)  # a Gauss–Newton matrix of full rank (no null space)
+    # float64: the full-matrix map is applied in the model's dtype, LowRankMap in float64
+    model, X = model.double(), X.double()
     n = sum(p.numel() for p in model.parameters())
     kw = dict(cutoff=0.1, sigma=1.0, cost="mse", n_samples=10, random_state=0, rtol=1e-8,
               preconditioner_eps=1e-3)

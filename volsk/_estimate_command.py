@@ -16,14 +16,13 @@ import math
 import sys
 from pathlib import Path
 
-__all__ = ["UsageError", "add_arguments", "run", "in_model_order", "load_array", "load_model",
-           "load_optimizer_state", "write_table"]
+__all__ = ["UsageError", "add_arguments", "run", "load_array", "load_model", "write_table"]
 
 # the estimator's names and defaults, spelled out here so that --help imports no torch;
 # tests/test_cli.py checks them against LocalVolumeEstimator and volsk.preconditioners
 MEASURE_NAMES = ("gaussian", "lebesgue", "uniform")
 PRECONDITIONER_NAMES = ("naive", "adam", "adam_m1", "diag_hessian", "hesscale", "hessian",
-                        "fisher", "kfac", "lowrank")
+                        "fisher", "kfac", "lowrank", "boundary")
 COST_NAMES = ("kl", "cross_entropy", "mse")
 OUTPUT_NAMES = ("auto", "logits", "probabilities", "log_probabilities", "binary_logits",
                 "binary_probabilities")
@@ -149,8 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--preconditioner-eps", "EPS", number(("auto",), low=0, closed=True),
         d["preconditioner_eps"], "eps in P ∝ 1/(|h|^exponent + eps), or 'auto' (a pilot "
         "picks it)")
-    add("--preconditioner-exponent", "P", number(low=0, closed=True),
-        d["preconditioner_exponent"], "the exponent in P ∝ 1/(|h|^exponent + eps)")
+    add("--preconditioner-exponent", "P", number(("auto",), low=0, closed=True),
+        d["preconditioner_exponent"], "the exponent in P ∝ 1/(|h|^exponent + eps), or 'auto' "
+        "(the eps pilot compares 0.25, 0.5 and 1)")
     add("--n-samples", "K", number(**count), d["n_samples"],
         "directions k (more: a larger, more accurate estimate)")
     add("--cost", "NAME", _name_or_file(COST_NAMES, import_path=True), d["cost"],
@@ -255,83 +255,6 @@ def _load_pretrained(folder: Path):
     return cls.from_pretrained(folder)
 
 
-def load_optimizer_state(path, module):
-    """An optimizer ``state_dict`` from a file, its entries in ``module.parameters()`` order."""
-    import torch
-
-    p = _existing(path, "optimizer state file")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"cannot read optimizer state {str(path)!r}: {exc}") from None
-    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
-        raise UsageError(f"{str(path)!r} is not an optimizer state_dict (keys 'state' and "
-                         "'param_groups'): save it with torch.save(optimizer.state_dict(), path)")
-    return in_model_order(state, module)
-
-
-def in_model_order(state_dict, module):
-    """The state_dict with one param group per parameter, in ``module.parameters()`` order.
-
-    An optimizer built on several param groups (Hugging Face's Trainer puts weights with
-    weight decay in one and biases and norms in another, each in ``named_parameters()``
-    order) numbers its state group by group. The groups are interleaved back into the
-    module's order by the parameters' shapes; the interleaving must be the only one the shapes
-    allow, else ValueError.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from volsk._estimate_command import in_model_order
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    >>> w, b = [net[0].weight, net[1].weight], [net[0].bias, net[1].bias]
-    >>> opt = torch.optim.Adam([{"params": w}, {"params": b, "weight_decay": 0.0}])
-    >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
-    >>> [g["params"] for g in in_model_order(opt.state_dict(), net)["param_groups"]]
-    [[0], [2], [1], [3]]
-    """
-    groups = state_dict["param_groups"]
-    if len(groups) <= 1:
-        return state_dict
-    shapes = {}
-    for i, entry in state_dict["state"].items():
-        tensors = [v for v in entry.values() if hasattr(v, "shape") and len(v.shape) > 0]
-        if tensors:
-            shapes[int(i)] = tuple(tensors[0].shape)
-    ids = [[int(i) for i in g["params"]] for g in groups]
-    targets = [tuple(p.shape) for p in module.parameters() if p.requires_grad]
-    if sum(map(len, ids)) != len(targets) or any(i not in shapes for g in ids for i in g):
-        return state_dict  # nothing to interleave by: optimizer_moment reports the mismatch
-
-    # paths through (position in each group), layer by layer over the model's parameters;
-    # counts capped at 2: only "none", "one" or "more" matters
-    layer = {(0,) * len(ids): 1}
-    came_from = {}
-    for target in targets:
-        following = {}
-        for pos, count in layer.items():
-            for g, at in enumerate(pos):
-                if at < len(ids[g]) and shapes[ids[g][at]] == target:
-                    nxt = pos[:g] + (at + 1,) + pos[g + 1:]
-                    following[nxt] = min(2, following.get(nxt, 0) + count)
-                    came_from.setdefault(nxt, (pos, ids[g][at], g))
-        layer = following
-    n_ways = sum(layer.values())
-    if n_ways != 1:
-        raise ValueError(
-            f"the optimizer state's {len(ids)} param groups can be matched to the model's "
-            f"parameters in {'no' if n_ways == 0 else 'more than one'} way by shape: the state "
-            "does not belong to this model, or its order is ambiguous. Save the optimizer "
-            "state with one param group in model.parameters() order")
-    pos, order = next(iter(layer)), []
-    while any(pos):
-        pos, i, g = came_from[pos]
-        order.append((i, g))
-    order.reverse()
-    new_groups = [{**groups[g], "params": [i]} for i, g in order]
-    return {"state": state_dict["state"], "param_groups": new_groups}
-
-
 def _resolve_spec(value, what):
     return load_array(value, what) if isinstance(value, _File) else value
 
@@ -383,8 +306,9 @@ def run(args, out=None):
     y = load_array(args.y, "--y file") if args.y else None
     mask = load_array(args.attention_mask, "--attention-mask file") if args.attention_mask \
         else None
-    optimizer = load_optimizer_state(args.optimizer_state, model) if args.optimizer_state \
-        else None
+    # read and mapped to the model's parameters by the "adam" preconditioners (see
+    # volsk.preconditioners.curvature.optimizer_state)
+    optimizer = args.optimizer_state
     verbose = args.verbose if args.verbose is not None else int(sys.stderr.isatty())
     est = LocalVolumeEstimator(
         cutoff=args.cutoff,

@@ -1,7 +1,10 @@
 """The algorithm of one fit, stage by stage: problem → eps pilot → search pilot → directions.
 
 1. :func:`prepare` — what ``fit`` was given (model, X, y) becomes a bound :class:`Problem`.
-2. :func:`select_eps` — with ``preconditioner_eps="auto"``, a pilot at each eps of a grid.
+2. :func:`select_eps` — with ``preconditioner_eps="auto"``, a pilot at each eps of a grid
+   (and with ``preconditioner_exponent="auto"``, for each exponent of a grid).
+2b. :func:`fit_boundary_map` — with a boundary-fitted preconditioner, pilot rounds that fit
+   its correction; the map of the estimate is fixed here.
 3. :func:`calibrate_search` — the search pilot: where every radius search starts.
 4. :func:`run_directions` — direction indices in blocks (split over joblib workers), each
    block drawn, searched for its radii and integrated: per-direction records.
@@ -25,14 +28,25 @@ from ._math import log_sphere_area
 from ._problem import Problem, prepare_problem
 from ._radius import find_radii
 from ._sampling import draw_block
-from ._seeding import EPS_PILOT_STREAM, SEARCH_PILOT_STREAM, stream_seed
+from ._seeding import (
+    BOUNDARY_PILOT_STREAM,
+    EPS_PILOT_STREAM,
+    SEARCH_PILOT_STREAM,
+    child_seed,
+    stream_seed,
+)
 from .preconditioners import EPS_GRID, choose_eps
+from .preconditioners.boundary import BoundaryStart, fit_boundary
 from .preconditioners.selection import (
+    DEFAULT_EXPONENT,
     EPS_EXTEND,
     EPS_REFINE,
     EPS_TIE_NATS,
+    EXPONENT_GRID,
     PILOT_COLUMNS,
     check_eps_grid,
+    check_exponent_grid,
+    choose_exponent,
 )
 from .results import DirectionRecords
 
@@ -44,6 +58,7 @@ __all__ = [
     "prepare",
     "fit",
     "select_eps",
+    "fit_boundary_map",
     "calibrate_search",
     "estimate_directions",
     "run_directions",
@@ -74,7 +89,8 @@ class Settings:
     cutoff, rtol : float
     measure : volsk.measures object
     preconditioner : volsk.preconditioners object
-    exponent : float
+    exponent : float or "auto"
+        "auto": the problem is bound with :data:`DEFAULT_EXPONENT` and :func:`fit` chooses.
     device : torch.device
     batch_size, data_batch_size : int or None
     evaluation : {"auto", "vmap", "large"}
@@ -87,7 +103,7 @@ class Settings:
     rtol: float
     measure: object
     preconditioner: object
-    exponent: float
+    exponent: float | str
     device: torch.device
     batch_size: int | None = None
     data_batch_size: int | None = None
@@ -126,7 +142,7 @@ def prepare(model, X, y, settings: Settings, *, eps, n_directions, seed, optimiz
         measure=settings.measure,
         preconditioner=settings.preconditioner,
         eps=eps,
-        exponent=settings.exponent,
+        exponent=DEFAULT_EXPONENT if isinstance(settings.exponent, str) else settings.exponent,
         device=settings.device,
         batch_size=settings.batch_size,
         n_directions=n_directions,
@@ -351,11 +367,14 @@ def run_directions(problem: Problem, indices, seed: int, start: SearchStart, *, 
 
 @dataclass(frozen=True)
 class EpsSelection:
-    """Result of :func:`select_eps`: the chosen eps, the pilot table, the re-bound problem."""
+    """Result of :func:`select_eps`: the chosen eps, the pilot table, the re-bound problem
+    and the exponent of its map (chosen when exponents were searched; None for the naive
+    estimator or a map without an ``exponent``)."""
 
     eps: float | None
     table: object
     problem: Problem
+    exponent: float | None = None
 
     def __iter__(self):  # unpacks as (eps, table, problem)
         return iter((self.eps, self.table, self.problem))
@@ -363,8 +382,8 @@ class EpsSelection:
 
 def select_eps(problem: Problem, grid=EPS_GRID, n_directions=EPS_PILOT_DIRECTIONS,
                random_state=0, *, refine=EPS_REFINE, extend=EPS_EXTEND,
-               tie=EPS_TIE_NATS) -> EpsSelection:
-    """Stage 2: choose ``preconditioner_eps`` by a pilot estimate at each eps of a search.
+               tie=EPS_TIE_NATS, exponents=None) -> EpsSelection:
+    """Stage 2: choose ``preconditioner_eps`` (and the exponent) by pilot estimates.
 
     The search (:func:`volsk.preconditioners.choose_eps`): the coarse ``grid``, extended past
     an end that keeps winning, then the winner's half-decade neighbours; after each step the
@@ -377,10 +396,16 @@ def select_eps(problem: Problem, grid=EPS_GRID, n_directions=EPS_PILOT_DIRECTION
     guess; the table's ``directions`` and ``evaluations_per_direction`` columns account
     for it.
 
+    With ``exponents``, that search runs once per exponent (the map re-made with
+    ``with_exponent``), on the same pilot directions, and
+    :func:`volsk.preconditioners.choose_exponent` picks the pair: within ``tie`` nats of the
+    best pilot, the default exponent 0.5 first, then the smaller exponent, then the larger
+    eps. A single-eps ``grid`` with ``refine=()`` compares the exponents at that eps.
+
     Parameters
     ----------
     problem : Problem
-        Prepared with any eps (e.g. ``grid[0]``).
+        Prepared with any eps (e.g. ``grid[0]``) and exponent.
     grid : sequence of float, default=EPS_GRID
         The coarse grid.
     n_directions : int, default=EPS_PILOT_DIRECTIONS
@@ -389,36 +414,98 @@ def select_eps(problem: Problem, grid=EPS_GRID, n_directions=EPS_PILOT_DIRECTION
         The estimator's base seed (``seed_``); the pilot seed is derived from it.
     refine, extend, tie
         As in :func:`volsk.preconditioners.choose_eps`.
+    exponents : sequence of float or None, default=None
+        Exponents to search with eps (None: the bound map's exponent only; the estimator's
+        ``preconditioner_exponent="auto"`` passes :data:`EXPONENT_GRID`). Ignored for a map
+        without ``with_exponent``.
 
     Returns
     -------
     EpsSelection
-        ``(eps, table, problem)``: the chosen eps, a pandas DataFrame with one row per eps
-        tried and ``problem`` with its preconditioner re-bound to the chosen eps. No pilot is
-        run (eps None, an empty table, ``problem`` as given) when the map does not depend on
-        eps (the naive estimator) or cannot be re-made for another eps (a custom bound map
-        without ``with_eps``: it is used as bound).
+        ``(eps, table, problem)``: the chosen eps, a pandas DataFrame with one row per
+        (exponent, eps) tried (:data:`~volsk.preconditioners.selection.PILOT_COLUMNS`) and
+        ``problem`` with its preconditioner re-bound to the chosen eps (and exponent, in
+        ``.exponent``). No pilot is run (eps None, an empty table, ``problem`` as given)
+        when the map does not depend on eps (the naive estimator) or cannot be re-made for
+        another eps (a custom bound map without ``with_eps``: it is used as bound).
     """
     grid = check_eps_grid(grid)
+    if exponents is not None:
+        exponents = check_exponent_grid(exponents)
     if int(n_directions) < 1:
         raise ValueError(f"n_directions must be >= 1, got {n_directions!r}")
     bound = problem.preconditioner
+    exponent = None if getattr(bound, "is_identity", False) else getattr(bound, "exponent",
+                                                                          None)
     if getattr(bound, "is_identity", False) or not hasattr(bound, "with_eps"):
         import pandas as pd  # import time: pandas is needed only for tables
 
-        return EpsSelection(None, pd.DataFrame(columns=list(PILOT_COLUMNS)), problem)
+        return EpsSelection(None, pd.DataFrame(columns=list(PILOT_COLUMNS)), problem,
+                            exponent)
     seed = stream_seed(random_state, EPS_PILOT_STREAM)
 
-    def run_pilot(eps):
+    def run_pilot(at, eps):
         # one candidate map at a time (each holds per-parameter vectors); a few directions,
         # each searched from its own Taylor guess (a search pilot would cost as much as this)
-        candidate = replace(problem, preconditioner=bound.with_eps(eps))
+        candidate = replace(problem, preconditioner=at.with_eps(eps))
         rec = estimate_directions(candidate, range(int(n_directions)), seed,
                                   start=TAYLOR_START)
         return rec.log_volume, rec.evaluations
 
-    eps, table, _ = choose_eps(grid, run_pilot, refine=refine, extend=extend, tie=tie)
-    return EpsSelection(eps, table, replace(problem, preconditioner=bound.with_eps(eps)))
+    if exponents is None or not hasattr(bound, "with_exponent"):
+        eps, table, _ = choose_eps(grid, lambda eps: run_pilot(bound, eps), refine=refine,
+                                   extend=extend, tie=tie)
+        table.insert(0, "exponent", float("nan") if exponent is None else float(exponent))
+        return EpsSelection(eps, table, replace(problem, preconditioner=bound.with_eps(eps)),
+                            exponent)
+    maps = {}  # exponent -> the bound map re-made with it (the curvature is shared)
+
+    def at(exponent):
+        if exponent not in maps:
+            maps[exponent] = bound.with_exponent(exponent)
+        return maps[exponent]
+
+    exponent, eps, table, _ = choose_exponent(
+        exponents, grid, lambda e, eps: run_pilot(at(e), eps), refine=refine, extend=extend,
+        tie=tie)
+    return EpsSelection(eps, table, replace(problem, preconditioner=at(exponent).with_eps(eps)),
+                        exponent)
+
+
+# -------------------------------------------------------------------- 2b. the boundary fit
+
+
+def fit_boundary_map(problem: Problem, seed: int):
+    """Stage 2b: with a :class:`~volsk.preconditioners.BoundaryFitted` preconditioner, fit
+    its correction to pilot radii and fix the map of the estimate.
+
+    Runs after the eps pilot (eps is chosen for the base map) and before the search pilot.
+    Round r's pilot draws directions 0 … m−1 from a seed of its own (the child r of the
+    ``BOUNDARY_PILOT_STREAM`` seed), each searched from its Taylor guess at the problem's
+    rtol; see :func:`volsk.preconditioners.boundary.fit_boundary` for the rounds.
+
+    Returns
+    -------
+    problem : Problem
+        With the fitted map bound (as given without a boundary-fitted preconditioner).
+    table : pandas.DataFrame or None
+        The rounds (None without a boundary-fitted preconditioner).
+    evaluations : int
+        Cost evaluations the pilots spent.
+    """
+    start = problem.preconditioner
+    if not isinstance(start, BoundaryStart):
+        return problem, None, 0
+    m = start.strategy.directions(start.partitions)
+    stream = stream_seed(seed, BOUNDARY_PILOT_STREAM)
+    seeds = [child_seed(stream, r) for r in range(start.strategy.rounds + 1)]
+
+    def run_pilot(candidate, pilot_seed):
+        return estimate_directions(replace(problem, preconditioner=candidate), range(m),
+                                   pilot_seed, start=TAYLOR_START)
+
+    chosen, table, evaluations = fit_boundary(start, run_pilot, seeds)
+    return replace(problem, preconditioner=chosen), table, evaluations
 
 
 # ------------------------------------------------------------------------------ the whole fit
@@ -426,39 +513,59 @@ def select_eps(problem: Problem, grid=EPS_GRID, n_directions=EPS_PILOT_DIRECTION
 
 @dataclass
 class FitResult:
-    """What one fit produced: the bound problem, the records and the pilots' outcomes."""
+    """What one fit produced: the bound problem, the records and the pilots' outcomes
+    (``exponent``: the map's exponent, chosen under "auto"; None for the naive estimator;
+    ``boundary_table``: the rounds of a boundary fit, None without one)."""
 
     problem: Problem
     records: DirectionRecords
     eps: float | None
     eps_table: object
     pilot_evaluations: int
+    exponent: float | None = None
+    boundary_table: object = None
 
 
 def fit(model, X, y, settings: Settings, *, eps, n_samples, seed, first=0, optimizer=None,
         attention_mask=None, n_jobs=None, progress=None, check=None) -> FitResult:
     """The algorithm in order, for directions ``first … first + n_samples − 1``.
 
-    ``eps`` is a number or "auto" (stage 2 picks it). ``check(problem)`` runs after stage 1
-    and may raise (``partial_fit`` refuses a different question there).
+    ``eps`` and ``settings.exponent`` are numbers or "auto" (stage 2 picks them; an "auto"
+    exponent with a numeric eps compares the exponents of :data:`EXPONENT_GRID` at that
+    eps). ``check(problem)`` runs after stage 1 and may raise (``partial_fit`` refuses a
+    different question there).
     """
     auto = isinstance(eps, str)
+    auto_exponent = isinstance(settings.exponent, str)
     problem = prepare(model, X, y, settings, eps=EPS_GRID[0] if auto else float(eps),
                       n_directions=n_samples, seed=seed, optimizer=optimizer,
                       attention_mask=attention_mask)
     if check is not None:
         check(problem)
     table = None
-    if auto:
-        eps, table, problem = select_eps(problem, n_directions=min(EPS_PILOT_DIRECTIONS,
-                                                                   n_samples),
-                                         random_state=seed)
+    exponent = DEFAULT_EXPONENT if auto_exponent else settings.exponent
+    if auto or auto_exponent:
+        pilot = min(EPS_PILOT_DIRECTIONS, n_samples)
+        exponents = EXPONENT_GRID if auto_exponent else None
+        if auto:
+            selection = select_eps(problem, n_directions=pilot, random_state=seed,
+                                   exponents=exponents)
+        else:  # the exponents compared at the given eps
+            selection = select_eps(problem, grid=(float(eps),), n_directions=pilot,
+                                   random_state=seed, refine=(), extend=0, exponents=exponents)
+        chosen, table, problem = selection
+        if auto or chosen is not None:  # a map without with_eps keeps a given eps
+            eps = chosen
+        if selection.exponent is not None:
+            exponent = selection.exponent
     if getattr(problem.preconditioner, "is_identity", False):
-        eps = None  # the naive map does not depend on eps
+        eps = exponent = None  # the naive map depends on neither
+    problem, boundary_table, boundary_evaluations = fit_boundary_map(problem, seed)
     start = calibrate_search(problem, seed)
     records = run_directions(problem, range(first, first + n_samples), seed, start,
                              n_jobs=n_jobs, progress=progress)
-    return FitResult(problem, records, eps, table, start.evaluations)
+    return FitResult(problem, records, eps, table, start.evaluations + boundary_evaluations,
+                     exponent, boundary_table)
 
 
 # ------------------------------------------------- a problem's summary (fits split over workers)

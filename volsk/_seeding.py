@@ -4,8 +4,9 @@ A fit has one base seed (``seed_``). Everything random in it is a pure function 
 and a stream name, so results do not depend on batching, workers or the order of work:
 
 - direction i: a PCG64 generator seeded by ``SeedSequence([seed, i])``;
-- the search pilot and the eps pilot: their own seed, ``SeedSequence([seed, STREAM])``, so that
-  no direction of the estimate is also a pilot direction; the bootstrap of the aggregate too;
+- the search pilot, the eps pilot and each round of the boundary fit: their own seed,
+  ``SeedSequence([seed, STREAM])``, so that no direction of the estimate is also a pilot
+  direction; the bootstrap of the aggregate too;
 - the init prior's re-initialisations: ``SeedSequence([seed, owner + 1, draw])``;
 - flat-coordinate probes and Hutchinson probes: fixed generators (they decide nothing random
   about the estimate).
@@ -26,6 +27,7 @@ __all__ = [
     "SEARCH_PILOT_STREAM",
     "BOOTSTRAP_STREAM",
     "EPS_PILOT_STREAM",
+    "BOUNDARY_PILOT_STREAM",
     "base_seed",
     "stream_seed",
     "direction_generator",
@@ -36,6 +38,7 @@ __all__ = [
 SEARCH_PILOT_STREAM = 0x726164697573  # "radius"
 EPS_PILOT_STREAM = 0x70696C6F74  # "pilot"
 BOOTSTRAP_STREAM = 0x626F6F74  # "boot": resampling the per-direction estimates
+BOUNDARY_PILOT_STREAM = 0x626F756E64  # "bound": the boundary fit's pilots, child r per round
 
 
 def base_seed(random_state) -> int:

@@ -16,9 +16,10 @@ from ._evaluate_large import EVALUATIONS
 from ._fingerprint import AsFloat64, fingerprint
 from ._seeding import base_seed
 from ._threads import fit_threads
-from .costs import COSTS, OUTPUT_KINDS
+from .costs import COSTS, OUTPUT_KINDS, Cost
 from .measures import MEASURES, resolve_measure
-from .preconditioners import EPS_GRID, PRECONDITIONERS, resolve_preconditioner
+from .preconditioners import EPS_GRID, PRECONDITIONERS, Identity, resolve_preconditioner
+from .preconditioners.selection import DEFAULT_EXPONENT
 from .results import (
     DirectionRecords,
     LowEffectiveSampleSizeWarning,
@@ -57,9 +58,11 @@ class LocalVolumeEstimator(BaseEstimator):
         P ∝ 1/(|h|^preconditioner_exponent + preconditioner_eps), normalised to det P = 1.
     n_samples : int, default=100
         Number of directions k.
-    cost : {"kl", "cross_entropy", "mse"} or callable, default="kl"
+    cost : {"kl", "cross_entropy", "mse"}, callable or volsk.costs.Cost, default="kl"
         A callable is ``cost(outputs, anchor_outputs) -> scalar tensor`` (``cost(outputs,
-        anchor_outputs, y)`` when y is given), written with torch operations.
+        anchor_outputs, y)`` when y is given), written with torch operations. A
+        :class:`volsk.costs.Cost` object carries options, e.g. ``KL(top_k=100)`` or
+        ``KL(anchor_dtype=torch.bfloat16)`` for a language model's large vocabulary.
     output : str, default="auto"
         What the model outputs: "auto", "logits", "probabilities", "log_probabilities",
         "binary_logits" or "binary_probabilities". "auto": read from a skorch net's criterion
@@ -86,7 +89,14 @@ class LocalVolumeEstimator(BaseEstimator):
         estimates can overshoot, P ≤ 8e^{−t} = 0.05 at t ≈ 5.1 nats; within that the mildest
         map is preferred). Typically 64 pilot directions; see
         :func:`volsk.preconditioners.choose_eps`. A float fixes ε.
-    preconditioner_exponent : float, default=0.5
+    preconditioner_exponent : float or "auto", default=0.5
+        The exponent of P ∝ 1/(|h|^exponent + ε); 0.5 gives H^{−1/2}, exact for a quadratic
+        cost. "auto": chosen with ε by the same pilot directions — ε's search runs for each
+        exponent of 0.25, 0.5 and 1, and among the (exponent, ε) whose pilot log-volume is
+        within the same 5.1 nats of the best, 0.5 is kept if it is there, else the smaller
+        exponent, then the larger ε (about three times ε's pilot; with a numeric
+        ``preconditioner_eps`` the exponents are compared at that ε, which is in units of
+        |h|^exponent). See :func:`volsk.preconditioners.choose_exponent`.
     rtol : float, default=1e-3
         Boundary accuracy: |C(θ + R u) − cutoff| ≤ rtol·cutoff.
     batch_size : int or None, default=None
@@ -164,10 +174,19 @@ class LocalVolumeEstimator(BaseEstimator):
     preconditioner_eps_ : float or None
         The eps used (the pilot's choice when ``preconditioner_eps="auto"``; None for the
         naive estimator, whose map does not depend on eps).
+    preconditioner_exponent_ : float or None
+        The exponent used (the pilot's choice when ``preconditioner_exponent="auto"``, else
+        the one given; None for the naive estimator, whose map does not depend on it).
     eps_pilot_ : pandas.DataFrame or None
-        With ``preconditioner_eps="auto"``: one row per eps tried, by decreasing eps (stage,
-        pilot log-volume, max and median sample, ESS, evaluations per direction, directions,
-        selected); empty when the map does not depend on eps. None with a numeric eps.
+        With ``preconditioner_eps="auto"`` or ``preconditioner_exponent="auto"``: one row per
+        (exponent, eps) tried, by exponent then decreasing eps (exponent, eps, stage, pilot
+        log-volume, max and median sample, ESS, evaluations per direction, directions,
+        selected); empty when the map does not depend on eps. None when both are numbers.
+    boundary_pilot_ : pandas.DataFrame or None
+        With a boundary-fitted preconditioner (``"boundary"``, ``BoundaryFitted``): one row per
+        round of its fit (round, groups, directions, pilot log-volume, max sample, ESS,
+        evaluations per direction, accepted, selected); its pilots' evaluations are counted
+        in ``n_pilot_evaluations_``. None otherwise.
 
     Examples
     --------
@@ -211,7 +230,7 @@ class LocalVolumeEstimator(BaseEstimator):
             HasMethods(["bind"]),
         ],
         "n_samples": [Interval(Integral, 1, None, closed="left")],
-        "cost": [StrOptions(set(COSTS)), callable],
+        "cost": [StrOptions(set(COSTS)), callable, Cost],
         "output": [StrOptions({"auto", *OUTPUT_KINDS})],
         "sigma": [
             Interval(Real, 0, None, closed="neither"),
@@ -222,7 +241,8 @@ class LocalVolumeEstimator(BaseEstimator):
         "bounds": [Interval(Real, 0, None, closed="neither"), StrOptions({"init"}), "array-like",
                    dict],
         "preconditioner_eps": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
-        "preconditioner_exponent": [Interval(Real, 0, None, closed="left")],
+        "preconditioner_exponent": [Interval(Real, 0, None, closed="left"),
+                                    StrOptions({"auto"})],
         "rtol": [Interval(Real, 0, 1, closed="neither")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "data_batch_size": [None, Interval(Integral, 1, None, closed="left")],
@@ -300,8 +320,11 @@ class LocalVolumeEstimator(BaseEstimator):
             Inputs on which the neighbourhood is defined.
         y : array-like, optional
             Labels, for cost="cross_entropy" (or a callable cost taking them).
-        optimizer : torch.optim.Optimizer, optional
-            Optimizer state for the "adam" preconditioners.
+        optimizer : torch.optim.Optimizer, dict, str or os.PathLike, optional
+            Optimizer state for the "adam" preconditioners: the optimizer, its
+            ``state_dict()``, or the path of a saved state_dict such as a Hugging Face
+            ``Trainer`` checkpoint's ``"run/checkpoint-100/optimizer.pt"`` (read with
+            ``torch.load(..., weights_only=True)``).
         attention_mask : array-like of shape (N, T), optional
             For sequence outputs (N, T, V): tokens where the mask is 0 are ignored.
 
@@ -339,7 +362,9 @@ class LocalVolumeEstimator(BaseEstimator):
         fitted.update(
             seed_=seed,
             eps_pilot_=result.eps_table,
+            boundary_pilot_=result.boundary_table,
             preconditioner_eps_=result.eps,  # None: P does not depend on eps (naive)
+            preconditioner_exponent_=result.exponent,
             n_pilot_evaluations_=result.pilot_evaluations,
             _question=self._question_of(result.problem, y),
         )
@@ -403,10 +428,16 @@ class LocalVolumeEstimator(BaseEstimator):
                 )
 
         eps = EPS_GRID[0] if self.preconditioner_eps_ is None else self.preconditioner_eps_
+        # "auto" keeps what the fit chose (the naive map does not depend on the exponent)
+        exponent = getattr(self, "preconditioner_exponent_", None)
+        if exponent is None:
+            exponent = DEFAULT_EXPONENT if isinstance(self.preconditioner_exponent, str) else (
+                self.preconditioner_exponent)
         first = len(self._records)
         progress = self._progress(int(extra))
         try:
-            result = pipeline.fit(model, X, y, self._settings(), eps=eps, n_samples=int(extra),
+            result = pipeline.fit(model, X, y, self._settings(exponent), eps=eps,
+                                  n_samples=int(extra),
                                   seed=self.seed_, first=first, optimizer=optimizer,
                                   attention_mask=attention_mask, n_jobs=self.n_jobs,
                                   progress=progress, check=same_anchor)
@@ -420,7 +451,9 @@ class LocalVolumeEstimator(BaseEstimator):
             setattr(self, name, value)
         return self
 
-    def _settings(self) -> pipeline.Settings:
+    def _settings(self, exponent=None) -> pipeline.Settings:
+        """The settings a problem is bound with (``exponent``: one chosen, in place of the
+        parameter)."""
         return pipeline.Settings(
             cost=self.cost,
             output=self.output,
@@ -428,7 +461,7 @@ class LocalVolumeEstimator(BaseEstimator):
             rtol=float(self.rtol),
             measure=resolve_measure(self.measure, sigma=self.sigma, bounds=self.bounds),
             preconditioner=resolve_preconditioner(self.preconditioner),
-            exponent=self.preconditioner_exponent,
+            exponent=self.preconditioner_exponent if exponent is None else exponent,
             device=self._device(),
             batch_size=self.batch_size,
             data_batch_size=self.data_batch_size,
@@ -585,10 +618,12 @@ class LocalVolumeEstimator(BaseEstimator):
             for name, value in fitted.items():
                 setattr(self, name, value)
             return self
+        naive = isinstance(resolve_preconditioner(self.preconditioner), Identity)
         fitted.update(
             seed_=seed,
             eps_pilot_=eps_table,
             preconditioner_eps_=eps,
+            preconditioner_exponent_=None if naive else float(self.preconditioner_exponent),
             _question={"params": self._params_fingerprint(), "data": data_fingerprint},
         )
         self._replace_fitted_state(fitted)
@@ -640,8 +675,10 @@ class LocalVolumeEstimator(BaseEstimator):
         other = clone(self)
         eps = self.preconditioner_eps if self.preconditioner_eps_ is None else (
             self.preconditioner_eps_)
+        exponent = getattr(self, "preconditioner_exponent_", None)
+        exponent = self.preconditioner_exponent if exponent is None else exponent
         other.set_params(random_state=self.seed_, n_samples=self.sample_log_volumes_.size,
-                         preconditioner_eps=eps)
+                         preconditioner_eps=eps, preconditioner_exponent=exponent)
         return other.fit(evaluator.module, X, y).log_volume_
 
     def results_frame(self):

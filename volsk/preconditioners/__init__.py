@@ -14,19 +14,20 @@ normalised to det P = 1 in the log domain; with the default exponent 0.5 and eps
 H^{-1/2}. Note the second Vᵀ: the map returns to parameter coordinates.
 
 Curvature objects compute their curvature once per ``bind``; a bound map can be re-made for
-another eps without recomputing it (``with_eps``), which is what choosing eps by pilot
-(:func:`choose_eps`) relies on.
+another eps or exponent without recomputing it (``with_eps``, ``with_exponent``), which is
+what choosing them by pilot (:func:`choose_eps`, :func:`choose_exponent`) relies on.
 
 The package: ``maps`` (the bound maps P), ``context`` (what a preconditioner sees),
-``strategies`` (the preconditioners and their names), ``selection`` (choosing eps) and
-``curvature`` (the curvature kernels the strategies are built from).
+``strategies`` (the preconditioners and their names), ``selection`` (choosing eps and the
+exponent) and ``curvature`` (the curvature kernels the strategies are built from).
 """
 
+from .boundary import BoundaryFitted, BoundaryMap
 from .context import PreconditionerContext
 from .kfac import KFAC, KroneckerMap
 from .lowrank import LowRank, LowRankMap
 from .maps import BoundPreconditioner, DiagonalMap, EigenMap, diagonal_scales
-from .selection import EPS_GRID, choose_eps
+from .selection import EPS_GRID, EXPONENT_GRID, choose_eps, choose_exponent
 from .strategies import (
     PRECONDITIONERS,
     Adam,
@@ -49,15 +50,19 @@ __all__ = [
     "Fisher",
     "KFAC",
     "LowRank",
+    "BoundaryFitted",
     "BoundPreconditioner",
     "DiagonalMap",
     "EigenMap",
     "KroneckerMap",
     "LowRankMap",
+    "BoundaryMap",
     "PreconditionerContext",
     "diagonal_scales",
     "resolve_preconditioner",
     "PRECONDITIONERS",
     "EPS_GRID",
+    "EXPONENT_GRID",
     "choose_eps",
+    "choose_exponent",
 ]

@@ -121,6 +121,10 @@ class LowRankMap(BoundPreconditioner):
         return LowRankMap(self.eigenvalues, self.eigenvectors, self.complement_curvature, eps,
                           self.exponent)
 
+    def with_exponent(self, exponent) -> LowRankMap:
+        return LowRankMap(self.eigenvalues, self.eigenvectors, self.complement_curvature,
+                          self.eps, exponent)
+
     def _on(self, dtype, device):
         key = (dtype, str(device))
         if key not in self._cache:

@@ -1,4 +1,4 @@
-"""Choosing ``preconditioner_eps`` by pilot: the grids, the tie threshold and the rule.
+"""Choosing ``preconditioner_eps`` (and ``preconditioner_exponent``) by pilot: grids, tie, rule.
 
 The rule knows nothing of models or directions: it is handed a function that runs a pilot at
 one eps and returns that pilot's per-direction log-volumes. It searches eps on a log scale in
@@ -21,6 +21,19 @@ level, to fall short of the truth. Among those the largest eps is the mildest ma
 to the naive estimator's uniform directions, the lightest-tailed weights), so it is preferred;
 ties within the pilot's noise then resolve the same way whatever the seed. With K = 8 pilots
 (a typical search) and level 95 %, t = log(8 / 0.05) ≈ 5.1 nats.
+
+The exponent (``preconditioner_exponent="auto"``, :func:`choose_exponent`) is chosen with eps:
+the eps search above runs once per exponent of :data:`EXPONENT_GRID`, all on the same pilot
+directions, and the winner is taken among every (exponent, eps) tried by the same tie rule:
+the pairs whose pilot is within ``tie`` nats of the best one are those not shown to fall
+short; among them the default exponent 0.5 is preferred, then the smaller exponent, then the
+larger eps. Why the default first: for a quadratic cost P ∝ H^{−1/2} is exact (every radius
+the same), so another exponent has to earn its place by more than the pilot's noise —
+without evidence the estimator behaves as with a fixed exponent 0.5. Then the smaller
+exponent for the reason the larger eps is preferred: exponent → 0 tends to the identity, the
+mildest map. The tie stays :data:`EPS_TIE_NATS`: three exponents make K ≈ 24 pilots, for
+which it is a level-85 % bound (24 e^{−t} ≈ 0.15) — the preference for the default is what
+guards against the extra pilots.
 """
 
 from __future__ import annotations
@@ -36,9 +49,14 @@ __all__ = [
     "EPS_REFINE",
     "EPS_EXTEND",
     "EPS_TIE_NATS",
+    "EXPONENT_GRID",
+    "DEFAULT_EXPONENT",
+    "EPS_COLUMNS",
     "PILOT_COLUMNS",
     "check_eps_grid",
+    "check_exponent_grid",
     "choose_eps",
+    "choose_exponent",
     "tie_break",
 ]
 
@@ -55,9 +73,18 @@ EPS_EXTEND = 3
 #: Markov + union bound for 8 pilots at level 95 %.
 EPS_TIE_NATS = math.log(8 / 0.05)
 
+#: Exponents tried by ``preconditioner_exponent="auto"`` (each with its own eps search).
+EXPONENT_GRID = (0.25, 0.5, 1.0)
+
+#: The exponent preferred within the tie threshold (the estimator's default): H^{−1/2}.
+DEFAULT_EXPONENT = 0.5
+
+#: Columns of :func:`choose_eps`'s table (one exponent).
+EPS_COLUMNS = ("eps", "stage", "log_volume", "max_sample", "median_sample", "ess",
+               "evaluations_per_direction", "directions", "selected")
+
 #: Columns of the pilot table (the estimator's ``eps_pilot_``).
-PILOT_COLUMNS = ("eps", "stage", "log_volume", "max_sample", "median_sample", "ess",
-                 "evaluations_per_direction", "directions", "selected")
+PILOT_COLUMNS = ("exponent", *EPS_COLUMNS)
 
 
 def check_eps_grid(grid) -> list[float]:
@@ -195,4 +222,88 @@ def choose_eps(grid, run_pilot, *, refine=EPS_REFINE, extend=EPS_EXTEND, tie=EPS
     tried, best = winner()
     table = pd.DataFrame([rows[e] for e in tried])
     table["selected"] = np.arange(len(tried)) == best
-    return tried[best], table[list(PILOT_COLUMNS)], best
+    return tried[best], table[list(EPS_COLUMNS)], best
+
+
+def check_exponent_grid(exponents) -> list[float]:
+    """The candidate exponents as a list of floats; ValueError unless non-empty, finite, >= 0.
+
+    Examples
+    --------
+    >>> from volsk.preconditioners.selection import check_exponent_grid
+    >>> check_exponent_grid((0.25, 1))
+    [0.25, 1.0]
+    """
+    exponents = [float(e) for e in np.atleast_1d(np.asarray(exponents, dtype=np.float64))]
+    if not exponents or any(not (math.isfinite(e) and e >= 0) for e in exponents):
+        raise ValueError(
+            f"exponents must be a non-empty sequence of finite exponents >= 0, got {exponents!r}")
+    return exponents
+
+
+def choose_exponent(exponents, grid, run_pilot, *, refine=EPS_REFINE, extend=EPS_EXTEND,
+                    tie=EPS_TIE_NATS, prefer=DEFAULT_EXPONENT):
+    """Search the exponent with eps by pilot: :func:`choose_eps` once per exponent, one winner.
+
+    Parameters
+    ----------
+    exponents : sequence of float
+        The candidate exponents, finite and >= 0 (the estimator's: :data:`EXPONENT_GRID`).
+    grid : sequence of float
+        The coarse eps grid of every exponent's search (a single eps with ``refine=()``:
+        exponents compared at that eps).
+    run_pilot : callable
+        ``run_pilot(exponent, eps) -> (sample_log_volumes, evaluations)``, as for
+        :func:`choose_eps`; for a paired comparison every (exponent, eps) should get the same
+        directions.
+    refine, extend, tie
+        As in :func:`choose_eps` (``tie`` is also the threshold across exponents).
+    prefer : float, default=DEFAULT_EXPONENT
+        The exponent that wins whenever one of its pilots is within ``tie`` nats of the best.
+
+    Returns
+    -------
+    exponent, eps : float
+        The chosen pair: among the (exponent, eps) whose pilot log-volume is within ``tie``
+        nats of the best, the one with exponent ``prefer`` if there is one, else the smallest
+        exponent; then the largest eps (NaN counts as −∞; when every pilot is −∞ all tie).
+    table : pandas.DataFrame
+        :data:`PILOT_COLUMNS`: :func:`choose_eps`'s rows of every exponent (exponents in the
+        order given, eps decreasing), ``selected`` True on the chosen row only.
+    index : int
+        The chosen row in ``table``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from volsk.preconditioners.selection import choose_exponent
+    >>> def run_pilot(exponent, eps):  # 0.25 beats 0.5 by 40 nats, at its best eps 10^-2
+    ...     peak = -100 * abs(np.log10(eps) + 2) - 160 * abs(exponent - 0.25)
+    ...     return np.full(4, peak), np.full(4, 3)
+    >>> exponent, eps, table, index = choose_exponent((0.25, 0.5, 1.0), (1.0, 1e-2, 1e-4),
+    ...                                               run_pilot)
+    >>> exponent, round(float(np.log10(eps)), 2), table.columns[0]
+    (0.25, -2.0, 'exponent')
+    """
+    # import time: pandas is only needed when the exponent is chosen by pilot
+    import pandas as pd
+
+    exponents = check_exponent_grid(exponents)
+    tables = []
+    for exponent in dict.fromkeys(exponents):  # each once, in the order given
+        _, table, _ = choose_eps(grid, lambda eps, e=exponent: run_pilot(e, eps),
+                                 refine=refine, extend=extend, tie=tie)
+        table.insert(0, "exponent", exponent)
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+    scores = table["log_volume"].to_numpy(dtype=np.float64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    best = scores.max()
+    near = scores >= best - tie if np.isfinite(best) else scores == best
+    candidates = np.flatnonzero(near)
+    rank = [(table["exponent"].iloc[i] != prefer, table["exponent"].iloc[i],
+             -table["eps"].iloc[i]) for i in candidates]
+    index = int(candidates[min(range(len(candidates)), key=rank.__getitem__)])
+    table["selected"] = np.arange(len(table)) == index
+    chosen = table.iloc[index]
+    return float(chosen["exponent"]), float(chosen["eps"]), table[list(PILOT_COLUMNS)], index

@@ -8,13 +8,16 @@ parameter (a name, a diagonal or an object) into a strategy.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
+from .boundary import BoundaryFitted
 from .context import PreconditionerContext
-from .curvature.ggn import ggn_matrix
+from .curvature.ggn import GGN_METHODS, gauss_newton_diagonal, ggn_matrix, ggn_route
 from .curvature.hesscale import hesscale_diagonal
-from .curvature.hessian import exact_hessian_diagonal, hessian_matrix
+from .curvature.hessian import anchor_hessian_diagonal, hessian_matrix
 from .curvature.optimizer_state import optimizer_moment
 from .curvature.target import curvature_target
 from .kfac import KFAC
@@ -121,16 +124,29 @@ class Adam(_DiagonalCurvature):
                         for p in model.parameters() if p.requires_grad])
         LocalVolumeEstimator(preconditioner=nu.numpy(), preconditioner_eps=eps_paper)
 
+    The state may also be read from disk: a path to a file written by
+    ``torch.save(optimizer.state_dict(), path)`` — a Hugging Face ``Trainer`` checkpoint's
+    ``optimizer.pt`` — or to a checkpoint folder holding one, loaded with
+    ``torch.load(path, map_location="cpu", weights_only=True)``.
+
     State is mapped to parameters by identity (``optimizer.state[p]`` for each trainable
-    ``p`` of the user's module) or, for a ``state_dict()``, by param-group order checked against
-    ``model.parameters()`` shapes — never guessed from values. A trainable parameter the
-    optimizer does not hold, missing state or mismatched shapes raise ValueError.
+    ``p`` of the user's module) or, for a ``state_dict()``, by the parameter names it records
+    (an optimizer built from ``model.named_parameters()``), else by param-group order checked
+    against ``model.parameters()`` shapes — never guessed from values. Several param groups
+    (Trainer's weights with weight decay, then biases and norms without) are interleaved
+    back into the model's order by shape; where shapes leave the order ambiguous, Trainer's
+    own grouping rule decides, else ValueError (see
+    ``in_model_order`` in ``volsk.preconditioners.curvature.optimizer_state``). A trainable
+    parameter the optimizer does not hold, missing state or mismatched shapes raise
+    ValueError.
 
     Parameters
     ----------
     moment : {2, 1}, default=2
-    optimizer : torch.optim.Optimizer or dict, optional
-        Overrides the optimizer passed to ``fit`` (or a skorch net's ``optimizer_``).
+    optimizer : torch.optim.Optimizer, dict, str or os.PathLike, optional
+        Overrides the optimizer passed to ``fit`` (or a skorch net's ``optimizer_``): the
+        optimizer, its ``state_dict()``, or the path of a saved state_dict (e.g.
+        ``"run/checkpoint-100/optimizer.pt"``).
 
     Examples
     --------
@@ -172,60 +188,130 @@ class Adam(_DiagonalCurvature):
 
 
 class DiagHessian(_DiagonalCurvature):
-    """The exact diagonal of the cost's Hessian at the anchor.
+    """The diagonal of the cost's Hessian at the anchor: exact, or a Monte-Carlo estimate where
+    the exact one would not fit in memory.
 
-    For cost "kl" (and "mse") this is the Gauss–Newton/Fisher diagonal, computed exactly from
-    per-example Jacobians (at the anchor the KL Hessian equals the Fisher on X). For
-    "cross_entropy" (Hessian ≠ Gauss–Newton) and callable costs it comes from Hessian-vector
-    products: exactly (n_active of them) up to ``max_exact`` active parameters, otherwise
-    Hutchinson's estimate with ``probes`` Rademacher vectors (64 when not given).
+    For cost "kl" (and "mse") this is the Gauss–Newton/Fisher diagonal (at the anchor the KL
+    Hessian equals the Fisher on X), computed
+
+    - exactly from per-example Jacobians, which hold (outputs per example) × n_active numbers
+      at a time — a classifier's few outputs;
+    - or, by Monte Carlo, as the mean over ``samples`` Rademacher vectors v over the outputs of
+      the squared gradient Jᵀ(root ⊙ v), one backward pass each per data batch (unbiased;
+      every coordinate's relative standard error at most sqrt(2/samples), about 18 % at the
+      default 64; see :func:`~volsk.preconditioners.curvature.ggn.sampled_ggn_diagonal`).
+      Memory: one data batch's activations and a few buffers of its outputs' size — what a
+      language model needs, whose outputs per example are tokens × vocabulary.
+
+    ``method="auto"`` takes the exact route while one example's Jacobian fits in 1 GiB (or the
+    device's memory budget, if larger), the sampled one otherwise. The estimate is seeded by
+    the estimator's ``random_state``. By default (``dtype="auto"``) the sampled route runs in
+    the model's own precision (at least float32): its sampling error dwarfs float32's
+    rounding, and a float64 twin of a language model would double its time and memory.
+
+    For "cross_entropy" (Hessian ≠ Gauss–Newton) and callable costs the diagonal comes from
+    Hessian-vector products: exactly (n_active of them) up to ``max_exact`` active parameters
+    (or always, with ``method="exact"``), otherwise (or with ``method="sampled"``) Hutchinson's
+    estimate with ``probes`` Rademacher vectors (``samples`` when not given).
 
     Parameters
     ----------
+    method : {"auto", "exact", "sampled"}, default="auto"
+    samples : int, default=64
+        Monte-Carlo budget of the sampled routes: backward passes per data batch (Gauss–Newton)
+        or Hutchinson probes (Hessian-vector products).
     probes : int, optional
-        Force Hutchinson's estimate with this many probes (HVP route only).
+        Force Hutchinson's estimate with this many probes (Hessian-vector-product route only).
     max_exact : int, default=5000
-        Largest number of active parameters for the exact HVP route.
-    dtype : torch.dtype or None, default=torch.float64
-        Precision of the curvature computation (None: the model's dtype).
+        Largest number of active parameters for the exact Hessian-vector-product route under
+        ``method="auto"``.
+    dtype : "auto", torch.dtype or None, default="auto"
+        Precision of the curvature computation (None: the model's dtype). "auto": the model's
+        dtype, at least float32, for the sampled Gauss–Newton route; float64 for the others.
 
     Examples
     --------
     >>> import torch
     >>> from volsk import LocalVolumeEstimator
+    >>> from volsk.preconditioners import DiagHessian
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> est = LocalVolumeEstimator(sigma=1.0, n_samples=4, preconditioner="diag_hessian",
     ...                            random_state=0).fit(net, torch.randn(16, 3))
     >>> est.samples_.shape[0]
     4
+    >>> DiagHessian(method="sampled", samples=16)
+    DiagHessian(method='sampled', samples=16)
     """
 
     name = "diag_hessian"
 
-    def __init__(self, probes=None, max_exact=5000, dtype=torch.float64):
+    def __init__(self, method="auto", samples=64, probes=None, max_exact=5000, dtype="auto"):
+        self.method = method
+        self.samples = samples
         self.probes = probes
         self.max_exact = max_exact
         self.dtype = dtype
 
     def __repr__(self):
-        return "DiagHessian()" if self.probes is None else f"DiagHessian(probes={self.probes})"
+        defaults = {"method": "auto", "samples": 64, "probes": None, "max_exact": 5000,
+                    "dtype": "auto"}
+        args = [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
+        return f"DiagHessian({', '.join(args)})"
+
+    def _check(self):
+        if self.method not in GGN_METHODS:
+            raise ValueError(f"DiagHessian method must be one of {GGN_METHODS}, got "
+                             f"{self.method!r}")
+        for name, value, least in (("samples", self.samples, 1), ("probes", self.probes, 1),
+                                   ("max_exact", self.max_exact, 0)):
+            if name == "probes" and value is None:
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                allowed = "a positive integer" if least else "a non-negative integer"
+                raise ValueError(f"DiagHessian {name} must be {allowed}"
+                                 f"{' or None' if name == 'probes' else ''}, got {value!r}")
+        if self.probes is not None and self.method == "exact":
+            raise ValueError("DiagHessian probes forces Hutchinson's estimate; it cannot be "
+                             "combined with method='exact' (pass one of them)")
+        if not (self.dtype is None or self.dtype == "auto" or isinstance(self.dtype, torch.dtype)):
+            raise ValueError(f"DiagHessian dtype must be 'auto', a torch.dtype or None, got "
+                             f"{self.dtype!r}")
 
     def curvature(self, ctx):
-        if self.probes is not None and int(self.probes) < 1:
-            raise ValueError(f"probes must be a positive integer or None, got {self.probes!r}")
-        target = curvature_target(ctx, self.dtype)
-        return exact_hessian_diagonal(target, self.probes, self.max_exact).cpu()
+        self._check()
+        dtype = self.dtype
+        if dtype == "auto":
+            # the model's own precision, at least float32 (no copy for float32 models), where
+            # the sampled Gauss–Newton route is taken; float64 everywhere else
+            model_dtype = ctx.evaluator.model_dtype
+            working = torch.float32 if torch.finfo(model_dtype).bits < 32 else None
+            target = curvature_target(ctx, working)
+            if all(part.cost.hessian_equals_ggn() for part in target.parts) and (
+                    ggn_route(target, self.method) == "sampled"):
+                return gauss_newton_diagonal(target, "sampled", self.samples).cpu()
+            dtype = torch.float64
+        target = curvature_target(ctx, dtype)
+        return anchor_hessian_diagonal(target, self.probes, self.max_exact, method=self.method,
+                                       samples=self.samples).cpu()
 
 
 class HesScale(_DiagonalCurvature):
     """HesScale (Elsayed & Mahmood 2022): a diagonal Hessian from one backward recursion.
 
-    For ``nn.Sequential`` stacks (nested allowed) of Linear, Conv1d/2d/3d, Flatten and
-    elementwise activations (ReLU, GELU, Tanh, Sigmoid, SiLU, …; Identity and Dropout pass
-    through in eval mode). A final Softmax/LogSoftmax is folded into the loss when the model
-    outputs probabilities/log-probabilities. Exact for the last layer's weights; an
-    approximation (off-diagonal terms dropped) below it. At the anchor the KL gradient is zero,
-    so it equals HesScaleGN there.
+    For any model whose forward, traced with :func:`torch.fx.symbolic_trace`, is a chain:
+    each operation takes the previous one's output (and its own parameters) only. The
+    operations: Linear and Conv1d/2d/3d (modules, or ``F.linear``/``F.conv2d``… on the
+    module's own parameters), elementwise activations (ReLU, GELU, Tanh, Sigmoid, SiLU, … as
+    modules, ``torch.relu``, ``F.gelu`` or ``x.tanh()``), reshapes (Flatten, ``x.flatten(1)``,
+    ``x.view(x.size(0), -1)``), Identity and Dropout in eval mode. So an ``nn.Sequential``
+    (nested allowed), a custom module calling ``self.fc1``, ``self.act``, ``self.fc2`` in
+    turn, or skorch's module classes. A final Softmax/LogSoftmax over the last axis is folded
+    into the loss when the model outputs probabilities/log-probabilities. Residual
+    connections, concatenations, attention, normalisation layers, a parameter used twice or a
+    forward torch.fx cannot trace raise ValueError naming the first offending node; use
+    ``"kfac"`` or ``"diag_hessian"`` for those. Exact for the last layer's weights; an
+    approximation (off-diagonal terms dropped) below it. At the anchor the KL gradient is
+    zero, so it equals HesScaleGN there.
 
     Parameters
     ----------
@@ -235,9 +321,15 @@ class HesScale(_DiagonalCurvature):
     --------
     >>> import torch
     >>> from volsk import LocalVolumeEstimator
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+    >>> class MLP(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc1, self.fc2 = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    ...
+    ...     def forward(self, x):
+    ...         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
     >>> est = LocalVolumeEstimator(sigma=1.0, n_samples=4, preconditioner="hesscale",
-    ...                            random_state=0).fit(net, torch.randn(16, 3))
+    ...                            random_state=0).fit(MLP(), torch.randn(16, 3))
     >>> bool(est.log_volume_ < 0)
     True
     """
@@ -286,7 +378,9 @@ class _MatrixCurvature:
         if not torch.isfinite(H).all():
             raise ValueError(f"{self!r} produced a matrix with NaN or infinite entries")
         eigenvalues, eigenvectors = torch.linalg.eigh(H)
-        return EigenMap(eigenvalues, eigenvectors, ctx.eps, ctx.exponent)
+        # applied in the dtype directions are formed in (float32 for a float32 model)
+        dtype = getattr(ctx.evaluator, "ray_dtype", torch.float64)
+        return EigenMap(eigenvalues, eigenvectors, ctx.eps, ctx.exponent, dtype=dtype)
 
 
 class Hessian(_MatrixCurvature):
@@ -383,6 +477,7 @@ _BY_NAME: dict = {
     "fisher": Fisher,
     "kfac": KFAC,
     "lowrank": LowRank,
+    "boundary": BoundaryFitted,
 }
 
 #: The preconditioners accepted by name (besides "naive": no preconditioner).
@@ -401,12 +496,13 @@ def resolve_preconditioner(spec):
     if spec is None or (isinstance(spec, str) and spec in ("naive", "none", "identity")):
         return Identity()
     if isinstance(spec, str):
-        if spec in _BY_NAME:
-            return _BY_NAME[spec]()
-        raise ValueError(
-            f"preconditioner must be None, one of {PRECONDITIONERS}, an array-like diagonal "
-            f"curvature or a volsk.preconditioners object; got {spec!r}"
-        )
+        if spec not in _BY_NAME:
+            raise ValueError(
+                f"preconditioner must be None, one of {PRECONDITIONERS}, an array-like "
+                f"diagonal curvature or a volsk.preconditioners object; got {spec!r}"
+            )
+        spec = _BY_NAME[spec]()
     if hasattr(spec, "bind"):
-        return spec
+        # a preconditioner built on another one (BoundaryFitted) gets its base resolved here
+        return spec.resolved(resolve_preconditioner) if hasattr(spec, "resolved") else spec
     return Diagonal(spec)

@@ -44,7 +44,7 @@ from .._fingerprint import fingerprint
 from .._seeding import base_seed
 from .._version import __version__
 from ..estimator import LocalVolumeEstimator
-from ..preconditioners import EPS_GRID
+from ..preconditioners import EPS_GRID, BoundaryFitted, resolve_preconditioner
 from ..results import DirectionRecords
 from ._parallel import Tasks
 from .cache import CACHE_FORMAT, ShardStore, data_fingerprint, estimator_params, source_fingerprint
@@ -240,6 +240,18 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
         raise TypeError(f"estimator must be a LocalVolumeEstimator, got {type(estimator).__name__}")
     estimator._validate_params()
     estimator._check_values()
+    if isinstance(estimator.preconditioner_exponent, str):
+        raise ValueError(
+            "fit_sharded does not choose preconditioner_exponent='auto' (its shards bind the "
+            "map before the pilot's choice reaches them); pass a number, e.g. the "
+            "preconditioner_exponent_ of a fit with 'auto'"
+        )
+    if isinstance(resolve_preconditioner(estimator.preconditioner), BoundaryFitted):
+        raise ValueError(
+            "fit_sharded does not fit a BoundaryFitted preconditioner (its shards bind the map "
+            "before the boundary pilot's fit reaches them); fit it with "
+            "LocalVolumeEstimator.fit(n_jobs=...) instead, or shard its base preconditioner"
+        )
     check_source(source)
     k = estimator.n_samples if n_samples is None else n_samples
     for name, value in (("n_samples", k), ("shard_size", shard_size)):
