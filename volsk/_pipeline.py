@@ -597,6 +597,5 @@ def summarise(problem) -> ProblemSummary:
     """The :class:`ProblemSummary` of a :class:`Problem` (a summary is returned as it is)."""
     if isinstance(problem, ProblemSummary):
         return problem
-    space = problem.evaluator.space
-    flat = FlatCoordinates(space.names, space.shapes, problem.flat)
-    return ProblemSummary(int(space.n), flat, bool(problem.is_probability))
+    return ProblemSummary(int(problem.evaluator.space.n), problem.flat,
+                          bool(problem.is_probability))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._coordinates import FlatCoordinates
 from ._evaluate import FORWARD_AD_LOCK, BatchedCost, FunctionalModel, choose_batch_size
 from ._evaluate_large import make_evaluator
 from ._measure_sums import rms
@@ -51,8 +52,8 @@ class Problem:
     preconditioner : BoundPreconditioner
     mask : torch.Tensor
         (n,) bool: the coordinates directions move in (flat ones integrated out are False).
-    flat : numpy.ndarray
-        Indices of the flat coordinates.
+    flat : volsk.results.FlatCoordinates
+        The flat coordinates.
     max_radius : float
     batch_size : int
         Directions per batched evaluation.
@@ -68,7 +69,7 @@ class Problem:
     is_probability: bool
     preconditioner: BoundPreconditioner
     mask: torch.Tensor
-    flat: np.ndarray
+    flat: FlatCoordinates
     max_radius: float
     batch_size: int
 
@@ -286,7 +287,8 @@ def prepare_problem(
         is_probability=bool(measure.is_probability),
         preconditioner=bound_preconditioner,
         mask=active,
-        flat=flat,
+        # runs of coordinates, not one int64 each (a language model's unused embedding rows)
+        flat=FlatCoordinates(evaluator.space.names, evaluator.space.shapes, flat),
         max_radius=max_radius,
         batch_size=int(batch_size),
     )
