@@ -16,7 +16,10 @@ __all__ = ["FlatCoordinates"]
 
 def _as_runs(indices) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique flat indices as runs [starts[j], stops[j])."""
-    flat = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+    flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if flat.size > 1 and not (flat[1:] > flat[:-1]).all():
+        flat = np.sort(flat)  # (np.unique is an order of magnitude slower on millions)
+        flat = flat[np.concatenate([[True], flat[1:] != flat[:-1]])]
     if flat.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     breaks = np.flatnonzero(np.diff(flat) != 1) + 1
