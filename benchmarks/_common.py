@@ -30,7 +30,11 @@ def machine() -> str:
 
 
 def append_results(title: str, table: str, notes: str = "") -> None:
-    """Append a section with the command, machine, date and table to benchmarks/RESULTS.md."""
+    """Write a section with the command, machine, date and table to benchmarks/RESULTS.md.
+
+    A section of the same title is replaced where it stands (a rerun supersedes it); a new
+    title is appended at the end.
+    """
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
@@ -42,5 +46,10 @@ def append_results(title: str, table: str, notes: str = "") -> None:
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nEach section is appended by a script under "
                            "`benchmarks/`; the command that produced it is given.\n")
-    with RESULTS.open("a") as fh:
-        fh.write(text)
+    current = RESULTS.read_text()
+    start = current.find(f"\n## {title}\n")
+    if start < 0:
+        RESULTS.write_text(current + text)
+        return
+    end = current.find("\n## ", start + 1)
+    RESULTS.write_text(current[:start] + text + ("" if end < 0 else current[end:]))

@@ -142,16 +142,19 @@ class Stages:
         self._sampler.join()
 
 
-def kl_cache_bytes(anchor: torch.Tensor) -> int:
-    """Bytes of the tensors the bound "kl" cost keeps of the anchor outputs."""
-    from volsk.costs import make_cost
+def kl_cache_bytes(anchor: torch.Tensor, cost=None) -> int:
+    """Bytes of the tensors the bound "kl" cost (``cost``, default ``KL()``) keeps besides the
+    anchor outputs: its attributes' and its Taylor curvature's closures' distinct storages."""
+    from volsk.costs import KL
 
-    bound = make_cost("kl", anchor, output="logits")
+    bound = (cost or KL()).bind(anchor, output="logits")
+    found = list(vars(bound).values())
+    for fn in bound.taylor() or ():
+        found += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())]
     seen = {anchor.untyped_storage().data_ptr(): 0}
-    for value in vars(bound).values():
+    for value in found:
         if isinstance(value, torch.Tensor):
-            seen.setdefault(value.untyped_storage().data_ptr(),
-                            value.numel() * value.element_size())
+            seen.setdefault(value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
     return sum(seen.values())
 
 
@@ -222,8 +225,13 @@ def child(spec: dict) -> dict:
         "evaluator_bytes": evaluator_bytes(est),
     }
     if spec["kind"] == "lm":
+        from volsk.costs import KL
+
         with torch.no_grad():
-            result["kl_cache_bytes"] = kl_cache_bytes(model(X[:1]).logits) * X.shape[0]
+            one = model(X[:1]).logits  # per sequence: the bound cost's arrays are per token
+        for name, cost in [("", KL()), ("_bf16", KL(anchor_dtype=torch.bfloat16)),
+                           ("_top100", KL(top_k=100))]:
+            result["kl_cache_bytes" + name] = kl_cache_bytes(one, cost) * X.shape[0]
     return result
 
 
@@ -268,6 +276,10 @@ def part_lm(quick: bool):
         ("held by the evaluator (θ, u, θ + r·u)", share(r["evaluator_bytes"])),
         ("anchor outputs (tokens × vocab × 4)", share(r["anchor_bytes"])),
         ("kept by the bound KL cost besides them", share(r["kl_cache_bytes"])),
+        ("  with KL(anchor_dtype=torch.bfloat16)",
+         share(r["kl_cache_bytes_bf16"]) + " (instead of the anchor outputs)"),
+        ("  with KL(top_k=100)",
+         share(r["kl_cache_bytes_top100"]) + " (instead of the anchor outputs)"),
     ]
     width = max(len(a) for a, _ in rows)
     title = "GPT-NeoX " + ("quick config" if quick else "Pythia-31M-shaped") + \
@@ -335,10 +347,73 @@ def part_dtypes():
     return title, "\n".join(lines)
 
 
+def part_kl(quick: bool):
+    """The cache options of the KL on a trained byte-level GPT-NeoX: the KL's relative error
+    at perturbations of a few sizes, and the estimate's shift."""
+    from volsk import LocalVolumeEstimator
+    from volsk.costs import KL
+    from volsk.experiments.language import load_stdlib_corpus, train_language_model
+
+    torch.set_num_threads(1)
+    splits = load_stdlib_corpus(max_bytes=300_000 if quick else 1_000_000)
+    run = train_language_model(splits, steps=60 if quick else 200, checkpoint_steps=[])
+    model, X = run.model, splits.heldout_subset(8)
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    u = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
+    u /= u.norm()
+
+    def logits_at(r):
+        torch.nn.utils.vector_to_parameters(theta + r * u, model.parameters())
+        with torch.no_grad():
+            return model(X).logits
+
+    anchor = logits_at(0.0)
+    exact = KL().bind(anchor.double())
+    options = [("bfloat16", KL(anchor_dtype=torch.bfloat16))] + [
+        (f"top_k={k}", KL(top_k=k)) for k in (4, 16, 64)]
+    bound = {name: cost.bind(anchor) for name, cost in options}
+    # radii where the exact KL is about 1e-3, 1e-2, 1e-1 nats (the KL grows like r²)
+    r1 = math.sqrt(1e-2 / float(exact(logits_at(1.0).double())))
+    lines = [f"{'cost':>12}  {'KL at anchor':>12}" + "".join(
+        f"  {f'rel. err. @ {c:.0e}':>16}" for c in (1e-3, 1e-2, 1e-1))]
+    errors = {name: [] for name, _ in options}
+    for c in (1e-3, 1e-2, 1e-1):
+        out = logits_at(r1 * math.sqrt(c / 1e-2))
+        value = float(exact(out.double()))
+        for name, _ in options:
+            errors[name].append(float(bound[name](out)) / value - 1)
+    for name, _ in options:
+        lines.append(f"{name:>12}  {float(bound[name](anchor)):>12.1e}"
+                     + "".join(f"  {e:>16.1e}" for e in errors[name]))
+    torch.nn.utils.vector_to_parameters(theta, model.parameters())
+    fits = {}
+    for name, cost in [("KL()", "kl")] + options:
+        est = LocalVolumeEstimator(cutoff=1e-2, n_samples=16, cost=cost, random_state=0,
+                                   device="cpu", n_threads=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits[name] = est.fit(model, X)
+    ref = fits["KL()"]
+    lines += ["", f"{'cost':>12}  {'log-volume':>12}  {'Δ vs KL()':>10}  "
+              f"{'median Δ log R':>14}  {'max |Δ log R|':>13}"]
+    for name, est in fits.items():
+        d = np.log(est.radii_) - np.log(ref.radii_)
+        lines.append(f"{name:>12}  {est.log_volume_:>12.2f}  "
+                     f"{est.log_volume_ - ref.log_volume_:>10.2f}  {np.median(d):>14.1e}  "
+                     f"{np.abs(d).max():>13.1e}")
+    tokens = X.numel()
+    title = (f"KL cache options: byte-level GPT-NeoX ({ref.n_parameters_:,} parameters, "
+             f"vocabulary 256) trained on the stdlib text, X = {X.shape[0]} × {X.shape[1]} "
+             f"= {tokens} held-out tokens; cutoff 1e-2, k = 16, sigma='auto'; relative "
+             "errors against the exact KL in float64 along one random direction")
+    return title, "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="*", choices=["lm", "ladder", "dtypes"], default=None)
+    parser.add_argument("--only", nargs="*", choices=["lm", "ladder", "dtypes", "kl"],
+                        default=None)
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -346,13 +421,14 @@ def main(argv=None):
         print(json.dumps(child(json.loads(args.child))))
         return
     torch.set_num_threads(1)
-    parts = args.only or ["lm", "ladder", "dtypes"]
+    parts = args.only or ["lm", "ladder", "dtypes", "kl"]
     sections = []
     for part in parts:
         start = time.perf_counter()
         title, table = {"lm": lambda: part_lm(args.quick),
                         "ladder": lambda: part_ladder(args.quick),
-                        "dtypes": part_dtypes}[part]()
+                        "dtypes": part_dtypes,
+                        "kl": lambda: part_kl(args.quick)}[part]()
         print(f"\n{title}  ({time.perf_counter() - start:.0f} s)\n{table}", flush=True)
         sections.append(f"{title}\n\n{table}")
     if not args.no_append:
