@@ -20,11 +20,13 @@ from volsk._estimate_command import (
     COST_NAMES,
     ESTIMATOR_DEFAULTS,
     EVALUATION_NAMES,
+    GENERATOR_NAMES,
     MEASURE_NAMES,
     OUTPUT_NAMES,
     PRECONDITIONER_NAMES,
 )
 from volsk._evaluate_large import EVALUATIONS
+from volsk._sampling import GENERATORS
 from volsk.cli import demo, main
 from volsk.costs import COSTS, OUTPUT_KINDS
 from volsk.measures import MEASURES
@@ -130,6 +132,7 @@ def test_cli_names_and_defaults_are_the_estimators():
     assert set(MEASURE_NAMES) == set(MEASURES)
     assert set(COST_NAMES) == set(COSTS)
     assert set(EVALUATION_NAMES) == set(EVALUATIONS)
+    assert set(GENERATOR_NAMES) == set(GENERATORS)
     assert set(OUTPUT_NAMES) == {"auto", *OUTPUT_KINDS}
 
 
@@ -282,14 +285,14 @@ def test_every_estimator_option_reaches_the_estimator(saved, capsys, monkeypatch
                   "--preconditioner-eps", "auto", "--preconditioner-exponent", 0.25,
                   "--n-samples", 4, "--model-output", "logits", "--rtol", 1e-2,
                   "--batch-size", 2, "--data-batch-size", 10, "--evaluation", "vmap",
-                  "--device", "cpu",
+                  "--device", "cpu", "--generator", "host",
                   "--random-state", 3, "--n-jobs", 1, "--n-threads", 1, "--verbose", 0)
     assert seen == dict(
         cutoff=0.05, measure="gaussian", preconditioner="diag_hessian", n_samples=4,
         cost="cross_entropy", output="logits", sigma="init", bounds=0.3,
         preconditioner_eps="auto", preconditioner_exponent=0.25, rtol=1e-2, batch_size=2,
-        data_batch_size=10, evaluation="vmap", device="cpu", random_state=3, n_jobs=1,
-        n_threads=1, verbose=0)
+        data_batch_size=10, evaluation="vmap", device="cpu", generator="host", random_state=3,
+        n_jobs=1, n_threads=1, verbose=0)
 
 
 def test_the_exponent_can_be_chosen_by_the_pilot(saved, capsys):

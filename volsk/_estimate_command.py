@@ -27,11 +27,13 @@ COST_NAMES = ("kl", "cross_entropy", "mse")
 OUTPUT_NAMES = ("auto", "logits", "probabilities", "log_probabilities", "binary_logits",
                 "binary_probabilities")
 EVALUATION_NAMES = ("auto", "vmap", "large")
+GENERATOR_NAMES = ("auto", "host", "device")
 ESTIMATOR_DEFAULTS = {
     "cutoff": 1e-2, "measure": "gaussian", "preconditioner": None, "n_samples": 100,
     "cost": "kl", "output": "auto", "sigma": "auto", "bounds": "init",
     "preconditioner_eps": "auto", "preconditioner_exponent": 0.5, "rtol": 1e-3,
     "batch_size": None, "data_batch_size": None, "evaluation": "auto", "device": "auto",
+    "generator": "auto",
     "n_jobs": None, "n_threads": "auto",
 }
 ARRAY_SUFFIXES = (".npy", ".csv", ".pt", ".pth")
@@ -169,6 +171,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "memory independent of k; auto: large for big models")
     add("--device", "DEVICE", str, d["device"],
         "where to evaluate: auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--generator", choices=GENERATOR_NAMES, default=d["generator"],
+                        help="where directions are drawn: host (NumPy, the same vectors on "
+                             "every device), device (torch on the fit's device, no host "
+                             "round trip; another vector on CPU than on CUDA); auto: device "
+                             "on CUDA")
     add("--random-state", "SEED", number(low=0, closed=True, integer=True, none=True), 0,
         "seed of the directions (none: fresh entropy)")
     add("--n-jobs", "N", number(integer=True, none=True), d["n_jobs"],
@@ -327,6 +334,7 @@ def run(args, out=None):
         data_batch_size=args.data_batch_size,
         evaluation=args.evaluation,
         device=args.device,
+        generator=args.generator,
         random_state=args.random_state,
         n_jobs=args.n_jobs,
         n_threads=args.n_threads,

@@ -81,10 +81,12 @@ class StreamedDirections:
 
 
 class _Source:
-    """What regenerates a direction: the seed, the active coordinates, P and the measure."""
+    """What regenerates a direction: the seed and generator, the active coordinates, P and
+    the measure."""
 
-    def __init__(self, evaluator, seed, layout, preconditioner, measure):
+    def __init__(self, evaluator, seed, layout, preconditioner, measure, generator="host"):
         self.evaluator, self.seed, self.layout = evaluator, int(seed), layout
+        self.generator = generator
         self.preconditioner, self.measure = preconditioner, measure
         self.found = {}  # index -> (coefficients, log-weight): scalars, kept
 
@@ -97,7 +99,8 @@ class _Source:
                     direction.zero_()  # flat coordinates are not written
                 self.found[index] = stream_direction(
                     index, self.seed, direction, layout=self.layout,
-                    preconditioner=self.preconditioner, measure=self.measure)
+                    preconditioner=self.preconditioner, measure=self.measure,
+                    generator=self.generator)
                 ev._loaded = (self, index)
             return self.found[index]
 
@@ -239,13 +242,14 @@ class LargeModel(FunctionalModel):
         return torch.tensor(out, dtype=torch.float64, device=self.device)
 
     # -- rays -------------------------------------------------------------------------------
-    def stream_directions(self, indices, seed, *, mask, preconditioner,
-                          measure) -> StreamedDirections:
-        """The directions ``indices`` of ``seed``, generated on demand (never a matrix)."""
+    def stream_directions(self, indices, seed, *, mask, preconditioner, measure,
+                          generator="host") -> StreamedDirections:
+        """The directions ``indices`` of ``seed`` (drawn with ``generator``), generated on
+        demand (never a matrix)."""
         if self._layout is None or self._layout[0] is not mask:
             self._layout = (mask, ActiveLayout.from_mask(mask))  # one per problem's mask
-        return StreamedDirections(_Source(self, seed, self._layout[1], preconditioner, measure),
-                                  indices)
+        return StreamedDirections(_Source(self, seed, self._layout[1], preconditioner, measure,
+                                          generator), indices)
 
     def _perturb(self, r: float):
         """The perturbed buffer ← θ + r·u (u: the direction in the buffer), in place."""

@@ -95,6 +95,9 @@ class Settings:
     batch_size, data_batch_size : int or None
     evaluation : {"auto", "vmap", "large"}
         The evaluator (see ``volsk._evaluate_large.make_evaluator``).
+    generator : {"host", "device", "auto"}
+        The direction generator (see ``volsk._sampling``); "auto" is resolved from the
+        device when the problem is bound.
     """
 
     cost: object
@@ -108,6 +111,7 @@ class Settings:
     batch_size: int | None = None
     data_batch_size: int | None = None
     evaluation: str = "auto"
+    generator: str = "host"
 
 
 def prepare(model, X, y, settings: Settings, *, eps, n_directions, seed, optimizer=None,
@@ -154,6 +158,7 @@ def prepare(model, X, y, settings: Settings, *, eps, n_directions, seed, optimiz
         batches=batches,
         batch_y=batch_y,
         evaluation=settings.evaluation,
+        generator=settings.generator,
     )
 
 
@@ -198,13 +203,14 @@ def _search_block(problem: Problem, block, seed: int, start: SearchStart | None,
         # direction buffer and searched to the end before the next (never a (B, n) matrix)
         streamed = ev.stream_directions(block, seed, mask=problem.mask,
                                         preconditioner=problem.preconditioner,
-                                        measure=problem.measure)
+                                        measure=problem.measure, generator=problem.generator)
         parts = [_search(problem, block[j : j + 1], streamed.block(j), start, rtol, integrate)[0]
                  for j in range(block.size)]
         return DirectionRecords.concatenate(parts), ev.ray_costs(problem.cost, streamed)
     directions = draw_block(block, seed, mask=problem.mask,
                             preconditioner=problem.preconditioner, measure=problem.measure,
-                            dtype=ev.ray_dtype, device=ev.device)
+                            dtype=ev.ray_dtype, device=ev.device,
+                            generator=problem.generator)
     return _search(problem, block, directions, start, rtol, integrate)
 
 
@@ -504,7 +510,9 @@ def fit_boundary_map(problem: Problem, seed: int):
         return estimate_directions(replace(problem, preconditioner=candidate), range(m),
                                    pilot_seed, start=TAYLOR_START)
 
-    chosen, table, evaluations = fit_boundary(start, run_pilot, seeds)
+    chosen, table, evaluations = fit_boundary(start, run_pilot, seeds,
+                                              generator=problem.generator,
+                                              device=problem.evaluator.device)
     return replace(problem, preconditioner=chosen), table, evaluations
 
 

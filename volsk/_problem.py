@@ -19,6 +19,7 @@ from ._coordinates import FlatCoordinates
 from ._evaluate import FORWARD_AD_LOCK, BatchedCost, FunctionalModel, choose_batch_size
 from ._evaluate_large import make_evaluator
 from ._measure_sums import rms
+from ._sampling import resolve_generator
 from .costs import BoundCost, Cost, resolve_cost, resolve_output
 from .measures import MeasureContext
 from .preconditioners import BoundPreconditioner, PreconditionerContext
@@ -57,6 +58,8 @@ class Problem:
     max_radius : float
     batch_size : int
         Directions per batched evaluation.
+    generator : {"host", "device"}
+        Where every stage's direction normals come from (``volsk._sampling.NormalStream``).
     """
 
     evaluator: FunctionalModel
@@ -72,6 +75,7 @@ class Problem:
     flat: FlatCoordinates
     max_radius: float
     batch_size: int
+    generator: str = "host"
 
     @property
     def n_active(self) -> int:
@@ -205,6 +209,7 @@ def prepare_problem(
     batches=None,
     batch_y=None,
     evaluation="auto",
+    generator="host",
 ) -> Problem:
     """Bind everything that does not depend on the directions drawn.
 
@@ -213,7 +218,8 @@ def prepare_problem(
     ``resolve_preconditioner``). ``batches``/``batch_y``: data already split (a DataLoader's
     batches and their labels); otherwise X (and y, attention_mask) are split into
     ``data_batch_size`` examples. ``evaluation``: "auto", "vmap" or "large" (see
-    ``volsk._evaluate_large.make_evaluator``).
+    ``volsk._evaluate_large.make_evaluator``). ``generator``: "host", "device" or "auto"
+    (resolved from the evaluator's device: ``volsk._sampling.resolve_generator``).
     """
     spec = resolve_cost(cost)
     if evaluator is None:
@@ -291,4 +297,5 @@ def prepare_problem(
         flat=FlatCoordinates(evaluator.space.names, evaluator.space.shapes, flat),
         max_radius=max_radius,
         batch_size=int(batch_size),
+        generator=resolve_generator(generator, evaluator.device),
     )

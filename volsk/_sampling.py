@@ -1,11 +1,36 @@
 """Seeded, preconditioned directions and their importance log-weights.
 
-Direction i is a pure function of (random_state, i): a standard normal vector drawn from
-``numpy.random.default_rng([random_state, i])`` (PCG64 seeded by
-``SeedSequence([random_state, i])``), normalised to the unit sphere, mapped by P and normalised
-again. Results therefore do not depend on how directions are batched or which
-worker draws them, and a run can be extended (``partial_fit``) or sharded without storing a
-k × n matrix.
+Direction i is a pure function of (random_state, i): a standard normal vector g, normalised to
+the unit sphere, mapped by P and normalised again. Its normals come from one of two generators
+(the estimator's ``generator``), read in order by :class:`NormalStream`:
+
+- ``"host"``: ``numpy.random.default_rng([random_state, i]).standard_normal`` (PCG64 seeded by
+  ``SeedSequence([random_state, i])``), drawn on the host and copied to the fit's device.
+  Direction i is the same float64 vector on every machine and every device.
+- ``"device"``: the normals are cut into chunks of :data:`DEVICE_CHUNK` = 2**15 coordinates;
+  chunk c is ``torch.randn(DEVICE_CHUNK, generator=g, dtype=torch.float64, device=device)``
+  with ``g`` a ``torch.Generator`` on the fit's device re-seeded (``g.manual_seed``) with word
+  c of ``SeedSequence([random_state, i, DEVICE_STREAM]).generate_state(n_chunks, uint64)``
+  (:func:`volsk._seeding.device_chunk_seeds`), the last chunk truncated to n. On CUDA that is
+  torch's Philox generator (the 64-bit word is its seed); on the CPU torch's MT19937, which
+  takes the word's low 32 bits. No host round trip: the normals are made where they are used.
+  Direction i is the same on one device type — on CUDA, one GPU model and torch version;
+  torch's CUDA kernel sizes its grid from the GPU's multiprocessor count, capped by
+  ceil(numel / 256) blocks, so chunks of 128 blocks are expected (not verified) to give the
+  same numbers on any GPU with at least 22 multiprocessors — but it is another vector on the
+  CPU than on CUDA (another generator): estimates from the two agree statistically, not bit
+  for bit. The chunk size is a constant, never a batch or block size.
+- ``"auto"`` (:func:`resolve_generator`): "device" when the fit's device is CUDA, else "host".
+
+What is bit for bit: for either generator, the normals of direction i do not depend on how many
+a consumer reads at a time (whole rows in :func:`draw_directions`, blocks in
+:func:`stream_direction`, the boundary fit's pilot rows), so directions — and the records
+computed from them — do not depend on ``batch_size``, ``data_batch_size``, ``n_jobs``, the
+joblib backend, the number of workers or GPUs, shard splits, or ``partial_fit``. The
+per-direction scalars (|g|, |P g|, the importance log-weight, the measure's coefficients) are
+reduced in float64: over whole rows in the vmapped mode, block by block in the large-model mode
+(``evaluation="large"``), so the two modes agree to rounding (their partitions of the sums
+differ) and each is bit for bit with itself.
 """
 
 from __future__ import annotations
@@ -14,15 +39,155 @@ import numpy as np
 import torch
 
 from ._layout import BLOCK
-from ._seeding import direction_generator
+from ._seeding import device_chunk_seeds, direction_generator
 
-__all__ = ["draw_directions", "DirectionBlock", "draw_block", "stream_direction"]
+__all__ = ["GENERATORS", "DEVICE_CHUNK", "resolve_generator", "NormalStream",
+           "draw_directions", "DirectionBlock", "draw_block", "stream_direction"]
 
+#: The estimator's ``generator`` values.
+GENERATORS = ("auto", "host", "device")
+#: Normals per seeded chunk of the "device" generator (independent of every batch/block size).
+DEVICE_CHUNK = 1 << 15
 SETUP_ROWS = 64  # directions drawn and reduced together on the CPU (their rows stay in cache)
 
 
-def draw_directions(n, indices, random_state, preconditioner, device="cpu"):
-    """Draw preconditioned unit directions.
+def resolve_generator(generator, device) -> str:
+    """The direction generator a fit on ``device`` uses: "host" or "device".
+
+    "auto" is "device" on CUDA and "host" elsewhere; "host" and "device" are kept.
+
+    Examples
+    --------
+    >>> from volsk._sampling import resolve_generator
+    >>> resolve_generator("auto", "cpu"), resolve_generator("device", "cpu")
+    ('host', 'device')
+    """
+    if not isinstance(generator, str) or generator not in GENERATORS:
+        raise ValueError(
+            f"generator must be one of {', '.join(map(repr, GENERATORS))}; got {generator!r}"
+        )
+    if generator == "auto":
+        return "device" if torch.device(device).type == "cuda" else "host"
+    return generator
+
+
+def _check_resolved(generator) -> str:
+    if generator not in ("host", "device"):
+        raise ValueError(f'generator must be "host" or "device" here (resolve "auto" with '
+                         f"resolve_generator first); got {generator!r}")
+    return generator
+
+
+def _home(device) -> torch.device:
+    """``device`` with its index (a generator lives on one GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class NormalStream:
+    """The n standard normals of direction ``index`` of ``seed``, read in order.
+
+    ``next(m, device)`` returns the next m normals as an (m,) float64 tensor on ``device``;
+    consecutive calls continue one sequence, so the normals do not depend on how many are read
+    at a time. "host": PCG64 (:func:`volsk._seeding.direction_generator`) into a reused host
+    buffer, then copied to ``device`` (on the CPU the tensor is that buffer: valid until the
+    next call). "device": seeded chunks of :data:`DEVICE_CHUNK` normals made on the device of
+    the first call (see the module docstring); later calls must ask for the same device.
+
+    Parameters
+    ----------
+    seed : int
+        The stream's base seed (the fit's, or a pilot stream's).
+    index : int
+        The direction.
+    n : int
+        Normals in the direction (its active coordinates); reading past them raises.
+    generator : {"host", "device"}, default="host"
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk._sampling import NormalStream
+    >>> stream = NormalStream(0, 5, 10, "device")
+    >>> parts = torch.cat([stream.next(3, "cpu"), stream.next(7, "cpu")])
+    >>> torch.equal(parts, NormalStream(0, 5, 10, "device").next(10, "cpu"))
+    True
+    """
+
+    def __init__(self, seed, index, n, generator="host"):
+        self.n = int(n)
+        self.generator = _check_resolved(generator)
+        self.drawn = 0
+        if self.generator == "host":
+            self._rng = direction_generator(seed, index)
+            self._buffer = None
+        else:
+            self._seeds = device_chunk_seeds(seed, index, -(-self.n // DEVICE_CHUNK))
+            self._torch_generator = None  # made on the device of the first call
+            self._chunk, self._chunk_index = None, -1
+
+    def next(self, m, device="cpu", out=None) -> torch.Tensor:
+        """The next ``m`` normals: an (m,) float64 tensor on ``device`` (written into ``out``,
+        an (m,) float64 tensor, when given)."""
+        m = int(m)
+        if m < 0 or self.drawn + m > self.n:
+            raise ValueError(f"asked for {m} normals after {self.drawn} of a direction of "
+                             f"{self.n}")
+        if out is not None and (tuple(out.shape) != (m,) or out.dtype != torch.float64):
+            raise ValueError(f"out must be an ({m},) float64 tensor, got {tuple(out.shape)} "
+                             f"{out.dtype}")
+        if self.generator == "host":
+            return self._next_host(m, device, out)
+        return self._next_device(m, device, out)
+
+    def _next_host(self, m, device, out):
+        if out is not None and out.device.type == "cpu" and out.is_contiguous():
+            self._rng.standard_normal(out=out.numpy())  # straight into the caller's row
+            self.drawn += m
+            return out
+        if self._buffer is None or self._buffer.size < m:
+            self._buffer = np.empty(m)
+        normals = self._buffer[:m]
+        self._rng.standard_normal(out=normals)
+        self.drawn += m
+        G = torch.from_numpy(normals)  # (m,) float64
+        return G.to(device) if out is None else out.copy_(G)
+
+    def _next_device(self, m, device, out):
+        device = _home(device if out is None else out.device)
+        if self._torch_generator is None:
+            self._torch_generator = torch.Generator(device=device)
+        elif self._torch_generator.device != device:
+            raise ValueError(f"this direction's normals are made on "
+                             f"{self._torch_generator.device}, not {device}")
+        pieces, filled = [], 0
+        while filled < m:
+            c, pos = divmod(self.drawn, DEVICE_CHUNK)
+            if c != self._chunk_index:  # one generator, re-seeded per chunk
+                self._torch_generator.manual_seed(int(self._seeds[c]))
+                self._chunk = torch.randn(DEVICE_CHUNK, generator=self._torch_generator,
+                                          dtype=torch.float64, device=device)
+                self._chunk_index = c
+            take = min(m - filled, DEVICE_CHUNK - pos)
+            piece = self._chunk[pos : pos + take]
+            if out is None:
+                pieces.append(piece)
+            else:
+                out[filled : filled + take].copy_(piece)
+            filled += take
+            self.drawn += take
+        if out is not None:
+            return out
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float64,
+                                                            device=device)
+
+
+def draw_directions(n, indices, random_state, preconditioner, device="cpu", generator="host"):
+    """Draw preconditioned unit directions (whole float64 rows).
 
     Parameters
     ----------
@@ -35,6 +200,8 @@ def draw_directions(n, indices, random_state, preconditioner, device="cpu"):
     preconditioner : BoundPreconditioner
         P with det P = 1.
     device : torch.device
+    generator : {"host", "device"}, default="host"
+        Where the normals come from (see the module docstring).
 
     Returns
     -------
@@ -54,13 +221,14 @@ def draw_directions(n, indices, random_state, preconditioner, device="cpu"):
     >>> U.shape, logw.tolist()
     (torch.Size([2, 3]), [0.0, 0.0])
     """
-    # numpy's ziggurat normals from a PCG64 seeded by SeedSequence([random_state, i]): about
-    # twice as fast as a fresh torch.Generator per direction on the CPU
+    # "host": numpy's ziggurat normals, about twice as fast on the CPU as torch's, drawn
+    # straight into host rows that go to the device in one copy; "device": made there
     indices = list(indices)
-    rows = np.empty((len(indices), n))
-    for row, i in zip(rows, indices):
-        direction_generator(random_state, i).standard_normal(out=row)
-    G = torch.from_numpy(rows).to(device)  # (B, n) float64
+    home = torch.device(device) if _check_resolved(generator) == "device" else torch.device("cpu")
+    G = torch.empty((len(indices), n), dtype=torch.float64, device=home)
+    for row, i in zip(G, indices):
+        NormalStream(random_state, i, n, generator).next(n, home, out=row)
+    G = G.to(device)  # (B, n) float64
     G /= torch.linalg.vector_norm(G, dim=1, keepdim=True)
     if getattr(preconditioner, "is_identity", False):
         return G, np.zeros(len(indices))
@@ -90,9 +258,10 @@ class DirectionBlock:
         self.log_weights = log_weights
 
 
-def draw_block(indices, seed, *, mask, preconditioner, measure, dtype, device) -> DirectionBlock:
-    """Draw directions ``indices`` (ints), precondition them and reduce them to the measure's
-    per-direction coefficients.
+def draw_block(indices, seed, *, mask, preconditioner, measure, dtype, device,
+               generator="host") -> DirectionBlock:
+    """Draw directions ``indices`` (ints) with ``generator``, precondition them and reduce
+    them to the measure's per-direction coefficients.
 
     On the CPU this runs ``SETUP_ROWS`` directions at a time, so that their float64 rows are
     still in cache for each pass over them; on a GPU all at once (each part ends in a copy of
@@ -108,7 +277,7 @@ def draw_block(indices, seed, *, mask, preconditioner, measure, dtype, device) -
     coefs, log_ws = [], []
     for first in range(0, indices.size, step):
         part = indices[first : first + step]
-        U_act, log_w = draw_directions(n_active, part, seed, preconditioner, device)
+        U_act, log_w = draw_directions(n_active, part, seed, preconditioner, device, generator)
         coefs.append(measure.ray_coefficients(U_act))
         log_ws.append(log_w)
         if full:
@@ -129,12 +298,13 @@ def _write(out, sel, values):
         out.index_copy_(0, sel, values.to(out.dtype))
 
 
-def stream_direction(index, seed, out, *, layout, preconditioner, measure, block=BLOCK):
+def stream_direction(index, seed, out, *, layout, preconditioner, measure, block=BLOCK,
+                     generator="host"):
     """Write direction ``index`` into ``out`` (n,) a block of coordinates at a time.
 
     The direction of :func:`draw_directions`, to rounding, never held as a float64 row: its
-    normals are drawn from the same generator in blocks of ``block`` active coordinates
-    (consecutive draws continue one stream, so the blocks are the numbers of one draw), each
+    normals are read from the same :class:`NormalStream` (``generator`` "host" or "device")
+    in blocks of ``block`` active coordinates (the same numbers whatever ``block``), each
     block is mapped by P (``preconditioner.apply_block``) and written into ``out`` (in its
     dtype, at the full coordinates ``layout`` gives), and |g|², |P g|² and the measure's
     coefficient sums are accumulated in float64; ``out`` is then scaled to unit length. A map
@@ -170,18 +340,16 @@ def stream_direction(index, seed, out, *, layout, preconditioner, measure, block
     apply_block = getattr(preconditioner, "apply_block", None)
     device = out.device
     if not identity and apply_block is None:
-        U, log_w = draw_directions(layout.n_active, [index], seed, preconditioner, device)
+        U, log_w = draw_directions(layout.n_active, [index], seed, preconditioner, device,
+                                   generator)
         for start, stop, sel in layout.blocks(block, device):
             _write(out, sel, U[0, start:stop])
         return measure.ray_coefficients(U), float(log_w[0])
-    generator = direction_generator(seed, index)
-    host = np.empty(min(block, layout.n_active))
+    normals = NormalStream(seed, index, layout.n_active, generator)
     g2 = torch.zeros((), dtype=torch.float64, device=device)
     v2 = torch.zeros((), dtype=torch.float64, device=device)
     for start, stop, sel in layout.blocks(block, device):
-        normals = host[: stop - start]
-        generator.standard_normal(out=normals)
-        G = torch.from_numpy(normals).to(device)  # (m,) float64
+        G = normals.next(stop - start, device)  # (m,) float64
         V = G if identity else apply_block(G, start, stop)
         g2 += torch.dot(G, G)
         if not identity:

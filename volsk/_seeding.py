@@ -3,7 +3,10 @@
 A fit has one base seed (``seed_``). Everything random in it is a pure function of that seed
 and a stream name, so results do not depend on batching, workers or the order of work:
 
-- direction i: a PCG64 generator seeded by ``SeedSequence([seed, i])``;
+- direction i: a PCG64 generator seeded by ``SeedSequence([seed, i])`` (the "host"
+  generator); with the "device" generator, chunk c of its normals is torch's generator on
+  the fit's device seeded by word c of ``SeedSequence([seed, i, DEVICE_STREAM])``
+  (:func:`device_chunk_seeds`, used by ``volsk._sampling.NormalStream``);
 - the search pilot, the eps pilot and each round of the boundary fit: their own seed,
   ``SeedSequence([seed, STREAM])``, so that no direction of the estimate is also a pilot
   direction; the bootstrap of the aggregate too;
@@ -28,9 +31,11 @@ __all__ = [
     "BOOTSTRAP_STREAM",
     "EPS_PILOT_STREAM",
     "BOUNDARY_PILOT_STREAM",
+    "DEVICE_STREAM",
     "base_seed",
     "stream_seed",
     "direction_generator",
+    "device_chunk_seeds",
     "child_seed",
     "row_seeds",
 ]
@@ -39,6 +44,7 @@ SEARCH_PILOT_STREAM = 0x726164697573  # "radius"
 EPS_PILOT_STREAM = 0x70696C6F74  # "pilot"
 BOOTSTRAP_STREAM = 0x626F6F74  # "boot": resampling the per-direction estimates
 BOUNDARY_PILOT_STREAM = 0x626F756E64  # "bound": the boundary fit's pilots, child r per round
+DEVICE_STREAM = 0x646576696365  # "device": the chunk seeds of the "device" direction generator
 
 
 def base_seed(random_state) -> int:
@@ -78,6 +84,24 @@ def child_seed(*key: int) -> int:
 def direction_generator(seed: int, index: int) -> np.random.Generator:
     """The generator of direction ``index``: PCG64 seeded by ``SeedSequence([seed, index])``."""
     return np.random.default_rng([int(seed), int(index)])
+
+
+def device_chunk_seeds(seed: int, index: int, n_chunks: int) -> np.ndarray:
+    """The 64-bit seeds of the ``n_chunks`` chunks of direction ``index``'s normals under the
+    "device" generator: the first words of ``SeedSequence([seed, index, DEVICE_STREAM])``.
+
+    SeedSequence hashes its words out one after another, so the first words do not depend on
+    how many are asked for: chunk c's seed is the same whatever the direction's length.
+
+    Examples
+    --------
+    >>> from volsk._seeding import device_chunk_seeds
+    >>> s = device_chunk_seeds(0, 3, 4)
+    >>> s.dtype, s.shape, bool((s[:2] == device_chunk_seeds(0, 3, 2)).all())
+    (dtype('uint64'), (4,), True)
+    """
+    sequence = np.random.SeedSequence([int(seed), int(index), DEVICE_STREAM])
+    return sequence.generate_state(int(n_chunks), np.uint64)
 
 
 def row_seeds(random_state, paired: bool, n_models: int, n_params: int) -> np.ndarray:

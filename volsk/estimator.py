@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _pipeline as pipeline
 from ._evaluate_large import EVALUATIONS
 from ._fingerprint import AsFloat64, fingerprint
+from ._sampling import GENERATORS, resolve_generator
 from ._seeding import base_seed
 from ._threads import fit_threads
 from .costs import COSTS, OUTPUT_KINDS, Cost
@@ -118,6 +119,19 @@ class LocalVolumeEstimator(BaseEstimator):
         results differ by float rounding only.
     device : "auto", str or torch.device, default="auto"
         Where to evaluate ("auto": cuda when available). The user's model is never moved.
+    generator : {"auto", "host", "device"}, default="auto"
+        Where each direction's normals are drawn. "host": NumPy's PCG64 seeded by
+        (random_state, i), drawn on the host and copied to the device — direction i is the
+        same float64 vector on every machine and device. "device": torch's generator on the
+        fit's device (Philox on CUDA, MT19937 on the CPU), re-seeded from (random_state, i)
+        for each fixed chunk of 2**15 coordinates — no host round trip per direction; direction
+        i is the same whatever ``batch_size``, ``data_batch_size``, ``n_jobs``, the joblib
+        backend, the number of workers or GPUs, shard splits, ``evaluation`` and
+        ``partial_fit``, on one device type (on CUDA: one GPU model and torch version), but
+        another vector on the CPU than on CUDA, so estimates from the two agree statistically,
+        not bit for bit. "auto": "device" when the fit's device is CUDA, else "host". With
+        either, per-direction scalars are reduced in float64 (block by block in the
+        large-model mode: the modes agree to rounding). See ``generator_``.
     random_state : int, RandomState instance or None, default=None
         Direction i is drawn from a generator seeded by (random_state, i).
     n_jobs : int or None, default=None
@@ -171,6 +185,8 @@ class LocalVolumeEstimator(BaseEstimator):
         millions); ``.counts()`` gives them per parameter tensor.
     seed_ : int
         The base seed the directions were drawn with.
+    generator_ : {"host", "device"}
+        The direction generator used (``generator`` with "auto" resolved).
     preconditioner_eps_ : float or None
         The eps used (the pilot's choice when ``preconditioner_eps="auto"``; None for the
         naive estimator, whose map does not depend on eps).
@@ -248,6 +264,7 @@ class LocalVolumeEstimator(BaseEstimator):
         "data_batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "evaluation": [StrOptions(set(EVALUATIONS))],
         "device": [StrOptions({"auto"}), str, torch.device],
+        "generator": [StrOptions(set(GENERATORS))],
         "random_state": ["random_state"],
         "n_jobs": [None, Integral],
         "n_threads": [None, Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -272,6 +289,7 @@ class LocalVolumeEstimator(BaseEstimator):
         data_batch_size=None,
         evaluation="auto",
         device="auto",
+        generator="auto",
         random_state=None,
         n_jobs=None,
         n_threads="auto",
@@ -292,6 +310,7 @@ class LocalVolumeEstimator(BaseEstimator):
         self.data_batch_size = data_batch_size
         self.evaluation = evaluation
         self.device = device
+        self.generator = generator
         self.random_state = random_state
         self.n_jobs = n_jobs
         self.n_threads = n_threads
@@ -361,6 +380,7 @@ class LocalVolumeEstimator(BaseEstimator):
                 progress.close()
         fitted.update(
             seed_=seed,
+            generator_=result.problem.generator,
             eps_pilot_=result.eps_table,
             boundary_pilot_=result.boundary_table,
             preconditioner_eps_=result.eps,  # None: P does not depend on eps (naive)
@@ -451,9 +471,10 @@ class LocalVolumeEstimator(BaseEstimator):
             setattr(self, name, value)
         return self
 
-    def _settings(self, exponent=None) -> pipeline.Settings:
+    def _settings(self, exponent=None, generator=None) -> pipeline.Settings:
         """The settings a problem is bound with (``exponent``: one chosen, in place of the
-        parameter)."""
+        parameter; ``generator``: one resolved for a whole sharded run, in place of this
+        process's resolution)."""
         return pipeline.Settings(
             cost=self.cost,
             output=self.output,
@@ -466,6 +487,7 @@ class LocalVolumeEstimator(BaseEstimator):
             batch_size=self.batch_size,
             data_batch_size=self.data_batch_size,
             evaluation=self.evaluation,
+            generator=self._generator() if generator is None else generator,
         )
 
     def _check_values(self):
@@ -476,6 +498,10 @@ class LocalVolumeEstimator(BaseEstimator):
         if isinstance(self.device, str) and self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def _generator(self) -> str:
+        """``generator`` resolved for this process's device: "host" or "device"."""
+        return resolve_generator(self.generator, self._device())
 
     def _progress(self, total):
         if not self.verbose:
@@ -489,8 +515,10 @@ class LocalVolumeEstimator(BaseEstimator):
                         "random_state", "evaluation")  # evaluation: rounding only
 
     def _params_fingerprint(self) -> dict:
-        return {name: fingerprint(value) for name, value in self.get_params(deep=False).items()
-                if name not in self._NOT_IN_QUESTION}
+        params = {name: fingerprint(value) for name, value in self.get_params(deep=False).items()
+                  if name not in self._NOT_IN_QUESTION}
+        params["generator"] = fingerprint(self._generator())  # what "auto" means here
+        return params
 
     @staticmethod
     def _data_fingerprint(problem, y) -> str:
@@ -601,13 +629,14 @@ class LocalVolumeEstimator(BaseEstimator):
             )
 
     def _from_records(self, summary, records, *, seed, eps, eps_table, pilot_evaluations,
-                      data_fingerprint, extend=False):
+                      data_fingerprint, extend=False, generator=None):
         """Set the fitted state from per-direction records computed outside ``fit``.
 
         ``summary`` is the ``pipeline.ProblemSummary`` of the problem the records answer,
         ``records`` the directions 0 … k − 1 in order (with ``extend``: this fit's records
         followed by the new ones, after ``_check_extension``), ``seed``, ``eps``,
-        ``eps_table`` and ``pilot_evaluations`` what ``pipeline.fit`` would have returned.
+        ``eps_table`` and ``pilot_evaluations`` what ``pipeline.fit`` would have returned,
+        ``generator`` the resolved direction generator (None: this process's resolution).
         The result is what ``fit`` (``partial_fit`` with ``extend``) sets from the same
         records, except that no model is kept (``score(X)`` needs a ``fit``). Returns self.
         """
@@ -621,6 +650,7 @@ class LocalVolumeEstimator(BaseEstimator):
         naive = isinstance(resolve_preconditioner(self.preconditioner), Identity)
         fitted.update(
             seed_=seed,
+            generator_=self._generator() if generator is None else generator,
             eps_pilot_=eps_table,
             preconditioner_eps_=eps,
             preconditioner_exponent_=None if naive else float(self.preconditioner_exponent),

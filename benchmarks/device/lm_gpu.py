@@ -7,9 +7,12 @@ Gaussian prior, no preconditioner, ``evaluation="large"``, ``device="cuda"``. Re
 seconds per direction (the direction stage's time / k), evaluations per direction, their
 ratio to (evaluations × one plain forward of the same model on the same X), the set-up and
 pilot times, and the fit's peak GPU memory above the model and X
-(``torch.cuda.max_memory_allocated``). Directions are generated on the host a block at a time
-(NumPy's PCG64, the same stream as on the CPU) and copied to the GPU; the only other host
-round trip per cost evaluation is the scalar cost.
+(``torch.cuda.max_memory_allocated``). Directions are generated a block at a time with
+``--generator`` (default "auto": on CUDA "device", torch's Philox on the GPU in seeded chunks;
+"host": NumPy's PCG64, the same stream as on the CPU, copied to the GPU); the only other host
+round trip per cost evaluation is the scalar cost. A second table times one direction alone
+(``benchmarks/generators.py``'s measurement: unit normal, identity map, float32 buffer) with
+each generator at the model's n on the same device.
 
 The table is printed and written to ``$OUT/lm_gpu.md`` (``OUT`` defaults to ``./out``).
 ``--tiny`` runs a tiny configuration on the CPU in seconds (what the test suite runs).
@@ -34,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # volsk from this checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from generators import table as generator_table  # noqa: E402
+from generators import time_generators  # noqa: E402
 from language_model import LM_FULL, Stages, build_lm, tokens  # noqa: E402
 
 from volsk import LocalVolumeEstimator  # noqa: E402
@@ -48,7 +53,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(config, dtype, device, n_seq, length, k):
+def measure(config, dtype, device, n_seq, length, k, generator="auto"):
     model = build_lm(config).to(device=device, dtype=dtype)
     X = tokens(n_seq, length, config["vocab_size"]).to(device)
     forwards = []
@@ -66,7 +71,7 @@ def measure(config, dtype, device, n_seq, length, k):
         base = torch.cuda.memory_allocated(device)
     stages = Stages(clock=time.perf_counter)
     est = LocalVolumeEstimator(cutoff=1e-2, n_samples=k, random_state=0, evaluation="large",
-                               device=device, n_threads=1)
+                               device=device, n_threads=1, generator=generator)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # low effective sample size at small k
@@ -92,6 +97,7 @@ def measure(config, dtype, device, n_seq, length, k):
         "peak_gib": None if peak is None else peak / 2**30,
         "peak_x_model": None if peak is None else peak / model_bytes,
         "log_volume": est.log_volume_,
+        "generator": est.generator_,
     }
 
 
@@ -119,6 +125,10 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=None, help="tokens each (default 546)")
     parser.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES),
                         default=["bfloat16", "float32"])
+    parser.add_argument("--generator", choices=["auto", "host", "device"], default="auto",
+                        help="the fits' direction generator (auto: device on CUDA)")
+    parser.add_argument("--generator-repeats", type=int, default=3,
+                        help="directions timed per generator in the second table (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.tiny:
@@ -131,13 +141,20 @@ def main(argv=None):
         k, n_seq, length = args.k or 100, args.n_seq or 20, args.length or 546
     rows = []
     for name in args.dtypes:
-        rows.append(measure(config, DTYPES[name], device, n_seq, length, k))
+        rows.append(measure(config, DTYPES[name], device, n_seq, length, k, args.generator))
         print(table(rows[-1:]), flush=True)
+    generators = ""
+    if args.generator_repeats > 0:
+        timed = time_generators(rows[0]["n"], device, args.generator_repeats)
+        generators = (f"\nOne direction alone (stream_direction, unit normal, identity map, "
+                      f"float32 buffer), median of {args.generator_repeats}:\n\n```\n"
+                      f"{generator_table([(device.type, rows[0]['n'], timed)])}\n```\n")
     gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
            else platform.processor() or platform.machine())
     text = (f"# GPT-NeoX {'tiny' if args.tiny else 'Pythia-31M-shaped'} on {gpu}\n\n"
             f"- X = {n_seq} × {length} tokens, k = {k}, evaluation='large', device={device}, "
-            f"torch {torch.__version__}\n\n```\n{table(rows)}\n```\n")
+            f"generator={rows[0]['generator']}, torch {torch.__version__}\n\n```\n"
+            f"{table(rows)}\n```\n{generators}")
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_gpu.md").write_text(text)

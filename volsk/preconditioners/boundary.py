@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from .._seeding import direction_generator
+from .._sampling import NormalStream
 from ..results import summarise_samples
 from .context import PreconditionerContext
 from .kfac import _repr
@@ -245,34 +245,37 @@ class BoundaryStart(BoundPreconditioner):
         return self.base.apply(G)
 
 
-def _pilot_measurements(base, log_s, partitions, seed, radii, n):
+def _pilot_measurements(base, log_s, partitions, seed, radii, n, generator="host",
+                        device="cpu"):
     """Features (m, F) and 1/ρ² (m,) of pilot directions 0 … m−1 drawn from ``seed``.
 
-    Each direction is redrawn as the sampler draws it (g unit normal, y = D g, v = P_base y,
-    u = v/|v|); its radius r along u is the radius ρ = r·|y|/|v| along w = y/|y| in the base's
-    coordinates z.
+    Each direction is redrawn as the sampler draws it (g unit normal from ``generator`` on the
+    fit's ``device``, y = D g, v = P_base y, u = v/|v|); its radius r along u is the radius
+    ρ = r·|y|/|v| along w = y/|y| in the base's coordinates z.
     """
     s = log_s.exp()
     feats, inv = [], []
     step = max(1, min(_DRAW_ROWS, _DRAW_BYTES // (8 * n)))  # a language model: one at a time
     for first in range(0, len(radii), step):
-        rows = np.empty((min(step, len(radii) - first), n))
-        for j, row in enumerate(rows):
-            direction_generator(seed, first + j).standard_normal(out=row)
-        G = torch.from_numpy(rows)
+        home = device if generator == "device" else "cpu"  # where the sampler made them
+        G = torch.empty((min(step, len(radii) - first), n), dtype=torch.float64, device=home)
+        for j, row in enumerate(G):
+            NormalStream(seed, first + j, n, generator).next(n, home, out=row)
+        G = G.cpu()
         G /= torch.linalg.vector_norm(G, dim=1, keepdim=True)
         Y = G * s
         V = Y if getattr(base, "is_identity", False) else base.apply(Y)
         y_norm = torch.linalg.vector_norm(Y, dim=1)
         ratio = (y_norm / torch.linalg.vector_norm(V.to(torch.float64), dim=1)).numpy()
-        rho = radii[first : first + len(rows)] * ratio
+        rho = radii[first : first + len(G)] * ratio
         feats.append(_features(Y / y_norm[:, None], partitions).numpy())
         with np.errstate(divide="ignore"):
             inv.append(1.0 / rho**2)
     return np.concatenate(feats), np.concatenate(inv)
 
 
-def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS):
+def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS,
+                 generator="host", device="cpu"):
     """Fit the correction round by round; the map to use and the rounds table.
 
     Parameters
@@ -286,6 +289,10 @@ def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS):
         all the pilots before it.
     tie : float
         A round is kept when its pilot estimate is within ``tie`` nats of the best kept.
+    generator : {"host", "device"}, default="host"
+        The direction generator ``run_pilot`` draws with, and ``device`` the fit's device:
+        the pilot directions are redrawn with them (see ``volsk._sampling.NormalStream``).
+    device : str or torch.device, default="cpu"
 
     Returns
     -------
@@ -321,7 +328,8 @@ def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS):
         if r == len(seeds) - 1:
             break
         radii = np.where(rec.status == 0, rec.radius, np.nan)
-        X, y = _pilot_measurements(base, log_s, partitions, seed, radii, base.n)
+        X, y = _pilot_measurements(base, log_s, partitions, seed, radii, base.n, generator,
+                                   device)
         X_all.append(X)
         y_all.append(y)
         X, y = np.concatenate(X_all), np.concatenate(y_all)

@@ -60,9 +60,18 @@ def source_fingerprint(source):
 
 
 def estimator_params(estimator, leave_out=()):
-    """The estimator's parameters that a result depends on (everything but ``NOT_IN_KEY``)."""
-    return {k: v for k, v in estimator.get_params(deep=False).items()
-            if k not in NOT_IN_KEY and k not in leave_out}
+    """The estimator's parameters that a result depends on (everything but ``NOT_IN_KEY``).
+
+    ``generator`` enters resolved, and only when it is "device": a "host" fit's key is the
+    one it had before the parameter existed (its numbers are the same).
+    """
+    params = {k: v for k, v in estimator.get_params(deep=False).items()
+              if k not in NOT_IN_KEY and k not in leave_out}
+    if "generator" in params and hasattr(estimator, "_generator"):
+        del params["generator"]
+        if estimator._generator() != "host":
+            params["generator"] = estimator._generator()
+    return params
 
 
 def cache_key(name, source, estimator, data) -> str:

@@ -48,7 +48,7 @@ from ..preconditioners import EPS_GRID, BoundaryFitted, resolve_preconditioner
 from ..results import DirectionRecords
 from ._parallel import Tasks
 from .cache import CACHE_FORMAT, ShardStore, data_fingerprint, estimator_params, source_fingerprint
-from .shards import Question, clear_prepared, pilot_task, shard_task
+from .shards import Question, check_device, clear_prepared, pilot_task, shard_task
 from .sources import _CPUModule, _ship, check_source, clear_loaded
 
 __all__ = ["fit_sharded"]
@@ -218,6 +218,10 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     Bit-for-bit equality holds among runs whose shards ran on the same kind of device (a CPU
     and a GPU round differently): if the shards of one estimate ran on several kinds, a
     warning says so (every direction is still an unbiased sample of the same question).
+    The direction generator (``generator``) is resolved once, in the caller, from the
+    estimator's ``device``, and every shard draws with it; with ``"device"`` (what "auto"
+    means on CUDA) each kind of device draws other directions, so every shard must run on the
+    kind of device the pilot ran on, else ValueError.
     Warnings raised in worker processes are raised again in the caller. Scripts that start
     process workers need an ``if __name__ == "__main__":`` guard.
 
@@ -269,6 +273,7 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
         seed, first = base_seed(estimator.random_state), 0
         eps = estimator.preconditioner_eps
     stop = first + int(k)
+    generator = estimator._generator()  # once for the whole run: every shard draws with it
 
 
     params = estimator_params(estimator, leave_out=_NOT_IN_QUESTION)
@@ -283,7 +288,7 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     pilot_key = None if identity is None else fingerprint(
         question_key, "pilot", eps, eps_directions if isinstance(eps, str) else 0)
     question = Question(clone(estimator), seed, question_key, int(k), eps_directions,
-                         os.getpid())
+                         os.getpid(), generator)
 
     store = ShardStore(cache_dir, verbose)
     engine = _Dask(client) if client is not None else _Joblib(n_jobs)
@@ -330,6 +335,8 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     if not np.array_equal(records.direction, np.arange(first, stop)):  # pragma: no cover
         raise RuntimeError("sharded fit: the shards do not cover the directions asked for")
     devices = sorted({s.device for s in shards})
+    for device in devices:  # shards read from the cache were not checked by a worker
+        check_device(generator, device, pilot.device)
     if len(devices) > 1:
         warnings.warn(
             f"the shards of this estimate ran on {' and '.join(devices)} devices: each "
@@ -343,7 +350,7 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     return estimator._from_records(
         pilot.summary, records, seed=seed, eps=pilot.eps, eps_table=pilot.eps_table,
         pilot_evaluations=pilot.start.evaluations, data_fingerprint=pilot.data_fingerprint,
-        extend=extend)
+        extend=extend, generator=generator)
 
 
 def _warn_again(caught):

@@ -285,6 +285,8 @@ def sweep(
         est = clone(base).set_params(**params)
         if hasattr(est, "_validate_params"):
             est._validate_params()
+        if hasattr(est, "_generator"):  # resolved here, as the cache key is: rows on workers
+            est.set_params(generator=est._generator())  # with other devices draw the same
         configured.append(est)
     seeds = row_seeds(random_state, paired, len(sources), len(grid))
     rows = []  # (model name, grid position, estimator for this row)

@@ -46,6 +46,7 @@ class Question:
     n_directions: int  # what one process's fit prepares its problem for (batch-size choice)
     eps_directions: int  # directions of the eps pilot ("auto")
     parent_pid: int
+    generator: str = "host"  # the direction generator, resolved once for the whole run
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def _prepared(source, X, y, attention_mask, question, eps) -> _Prepared:
         est = question.estimator
         n_threads = resolve_n_threads(est.n_threads, trainable_parameters(model))
         with fit_threads(n_threads):
-            problem = pipeline.prepare(model, X, y, est._settings(), eps=eps,
+            problem = pipeline.prepare(model, X, y, est._settings(generator=question.generator),
+                                       eps=eps,
                                        n_directions=question.n_directions, seed=question.seed,
                                        optimizer=optimizer, attention_mask=attention_mask)
         state = None if optimizer is None else fingerprint(_optimizer_state(optimizer))
@@ -174,10 +176,23 @@ def pilot_task(source, X, y, attention_mask, question, eps):
     return pilot, caught.messages()
 
 
+def check_device(generator, device, pilot_device):
+    """Raise ValueError when a "device"-generator shard runs on another kind of device than
+    the pilot: its directions would be another generator's (not the estimate's)."""
+    if generator == "device" and device != pilot_device:
+        raise ValueError(
+            f'generator="device": a shard ran on a {device} device but the pilot on a '
+            f"{pilot_device} one, and each kind of device draws other directions. Run every "
+            'shard on one kind of device (set device=...) or use generator="host", whose '
+            "directions are the same everywhere."
+        )
+
+
 def shard_task(source, X, y, attention_mask, question, pilot, first, stop):
     """The records of directions ``first … stop − 1``; a :class:`Shard` and the warnings."""
     with _Caught(question) as caught:
         problem = _prepared(source, X, y, attention_mask, question, pilot.bind_eps).problem
+        check_device(question.generator, problem.evaluator.device.type, pilot.device)
         began = time.perf_counter()
         with fit_threads(pilot.n_threads):
             records = pipeline.estimate_directions(problem, range(first, stop), question.seed,
