@@ -223,6 +223,7 @@ def child(spec: dict) -> dict:
         "anchor_bytes": anchor_bytes,
         "log_volume": float(est.log_volume_),
         "evaluator_bytes": evaluator_bytes(est),
+        "data_batches": len(est._evaluator.batches),
     }
     if spec["kind"] == "lm":
         from volsk.costs import KL
@@ -273,6 +274,9 @@ def part_lm(quick: bool):
          f"{r['fit_s'] - t['prepare'] - t['pilot'] - t['directions']:.1f} s"),
         ("extra peak RSS, whole fit", share(r["extra_peak"])),
         ("extra peak RSS, direction stage", share(r["directions_peak"])),
+        ("  stage peaks (× model bytes)", ", ".join(
+            f"{k} {v / mb:.1f}" for k, v in r["stage_peaks"].items())),
+        ("data batches (data_batch_size=None)", f"{r['data_batches']}"),
         ("held by the evaluator (θ, u, θ + r·u)", share(r["evaluator_bytes"])),
         ("anchor outputs (tokens × vocab × 4)", share(r["anchor_bytes"])),
         ("kept by the bound KL cost besides them", share(r["kl_cache_bytes"])),

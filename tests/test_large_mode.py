@@ -235,6 +235,101 @@ def test_large_mode_data_batches_give_the_full_batch_samples():
                                rtol=0, atol=1e-6)
 
 
+def test_large_mode_splits_x_by_the_bytes_of_its_outputs(monkeypatch):
+    """Without a data_batch_size, X is split so one batch's outputs fit BATCH_OUTPUT_BYTES;
+    the estimate is the one-batch estimate to rounding."""
+    import volsk._evaluate_large as large
+
+    torch.manual_seed(0)
+    lm = TinyLM().double()
+    ids = torch.randint(0, 11, (9, 6))
+    mask = torch.ones(9, 6, dtype=torch.long)
+    mask[:4, 3:] = 0
+    per_example = 6 * 11 * 8  # tokens × vocabulary × float64
+    assert len(LargeModel(lm, ids, "cpu").batches) == 1  # the default budget holds all of X
+    kw = {"sigma": 0.5, "n_samples": 8, "random_state": 0, "rtol": 1e-6, "evaluation": "large"}
+    whole = LocalVolumeEstimator(**kw).fit(lm, ids, attention_mask=mask)
+    monkeypatch.setattr(large, "BATCH_OUTPUT_BYTES", 2 * per_example + 7)
+    ev = LargeModel(lm, ids, "cpu", forward_kwargs={"attention_mask": mask})
+    assert [b.n for b in ev.batches] == [2, 2, 2, 2, 1]
+    assert torch.equal(ev.batches[1].kwargs["attention_mask"], mask[2:4])
+    split = LocalVolumeEstimator(**kw).fit(lm, ids, attention_mask=mask)
+    np.testing.assert_allclose(split.sample_log_volumes_, whole.sample_log_volumes_,
+                               rtol=0, atol=1e-6)
+    assert split.flat_parameters_ == whole.flat_parameters_
+    monkeypatch.setattr(large, "BATCH_OUTPUT_BYTES", 1)  # one example per batch at least
+    assert len(LargeModel(lm, ids, "cpu").batches) == 9
+    # a given data_batch_size is kept as it is
+    assert len(LargeModel(lm, ids, "cpu", data_batch_size=4).batches) == 3
+
+
+def test_flat_coordinates_found_a_chunk_at_a_time_are_the_same(monkeypatch):
+    import volsk._problem as problem
+
+    torch.manual_seed(0)
+    lm = TinyLM(vocab=40).double()
+    ids = torch.randint(0, 25, (5, 6))  # rows of tokens that never occur are flat
+    kw = {"n_samples": 2, "random_state": 0, "evaluation": "large"}
+    whole = LocalVolumeEstimator(**kw).fit(lm, ids)
+    monkeypatch.setattr(problem, "FLAT_CHUNK", 7)  # chunks cut runs and tensors anywhere
+    chunked = LocalVolumeEstimator(**kw).fit(lm, ids)
+    assert chunked.flat_parameters_ == whole.flat_parameters_
+    assert len(whole.flat_parameters_) == (40 - len(torch.unique(ids))) * 6
+    np.testing.assert_array_equal(chunked.sample_log_volumes_, whole.sample_log_volumes_)
+    rng = np.random.default_rng(0)
+    for n in (1, 6, 7, 8, 30):
+        for _ in range(50):
+            flat = rng.random(n) < rng.random()
+            starts, stops = problem.mask_runs(torch.from_numpy(flat))
+            back = np.zeros(n, dtype=bool)
+            for a, b in zip(starts, stops):
+                back[a:b] = True
+            np.testing.assert_array_equal(back, flat)
+            assert (starts < stops).all() and (stops[:-1] < starts[1:]).all()
+            zeros = problem._zero_columns(torch.from_numpy((~flat).astype(np.uint8)))
+            np.testing.assert_array_equal(zeros.numpy(), np.flatnonzero(flat))
+
+
+def test_large_mode_frees_a_large_perturbed_copy_while_jvps_run(monkeypatch):
+    import volsk._evaluate_large as large
+
+    net, X = small_mlp()
+    kw = {"n_samples": 6, "random_state": 0, "rtol": 1e-6}
+    kept = fit(net, X, "large", **kw)
+    ev = LargeModel(net, X, "cpu")
+    ev.costs(lambda out: out.sum(), ev.theta[None] + 0)  # no buffer yet: a row is passed
+    ev.ray_costs(lambda out: out.sum(), torch.ones(1, ev.space.n))([0], [0.1])
+    assert ev._perturbed is not None
+    ev.ray_curvature(lambda out: out, lambda t: (t * t).sum(), torch.ones(1, ev.space.n))
+    assert ev._perturbed is not None  # small: kept (freeing it would fragment the heap)
+    monkeypatch.setattr(large, "RELEASE_BYTES", 0)
+    ev.ray_curvature(lambda out: out, lambda t: (t * t).sum(), torch.ones(1, ev.space.n))
+    assert ev._perturbed is None
+    assert ev.ray_costs(lambda out: out.sum(), torch.ones(1, ev.space.n))([0], [0.1]).shape == (1,)
+    freed = fit(net, X, "large", **kw)
+    np.testing.assert_array_equal(freed.sample_log_volumes_, kept.sample_log_volumes_)
+    assert freed.n_evaluations_ == kept.n_evaluations_
+
+
+def test_trim_hands_back_free_heap_pages_where_glibc_is_there():
+    from volsk._memory import _TRIM, trim
+
+    if _TRIM is None:
+        pytest.skip("malloc_trim is glibc's")
+
+    def resident():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [bytearray(64 << 10) for _ in range(2048)]  # 128 MiB of heap blocks
+    pin = bytearray(64 << 10)  # above them: the heap's top cannot simply shrink
+    del blocks
+    before = resident()
+    assert trim()
+    assert before - resident() > 64 << 20
+    del pin
+
+
 def test_large_evaluator_pickles_theta_once_and_keeps_parameters_as_its_views():
     net = torch.nn.Sequential(*[torch.nn.Linear(40, 40) for _ in range(6)])
     ev = LargeModel(net, torch.randn(3, 40), "cpu")

@@ -6,11 +6,15 @@
 directions: the anchor θ is one flat vector in the model's dtype whose views are the private
 copy's parameters (no second copy), and a fit adds one perturbed parameter vector (the model's
 dtype), one direction vector (the dtype θ + r·u is formed in, at least float32) and the
-activations of one data batch's forward pass. A direction is never a row of a matrix: it is
-generated into its buffer block by block from its seed (:func:`volsk._sampling.stream_direction`)
-and regenerated when it is needed again. Each cost evaluation writes θ + r·u into the perturbed
-buffer in place (``torch.add(θ, u, alpha=r, out=...)``), passes that buffer's views to
-:func:`torch.func.functional_call`, and runs each data batch under ``torch.inference_mode``.
+activations of one data batch's forward pass (without a ``data_batch_size``, X is split so
+that one batch's outputs stay within ``BATCH_OUTPUT_BYTES``). A direction is never a row of a
+matrix: it is generated into its buffer block by block from its seed
+(:func:`volsk._sampling.stream_direction`) and regenerated when it is needed again. Each cost
+evaluation writes θ + r·u into the perturbed buffer in place (``torch.add(θ, u, alpha=r,
+out=...)``), passes that buffer's views to :func:`torch.func.functional_call`, and runs each
+data batch under ``torch.inference_mode``. JVPs (the search's Taylor guesses) free a large
+perturbed buffer while they run, and the C heap's free pages are handed back to the system
+before each new direction (:func:`volsk._memory.trim`).
 
 Batch invariance: every forward pass carries exactly one direction and the data batches are
 the same for every direction, so a direction's numbers cannot depend on which other directions
@@ -35,9 +39,13 @@ from ._evaluate import (
     FORWARD_AD_LOCK,
     BatchedCost,
     FunctionalModel,
+    _slice,
     choose_batch_size,
+    memory_budget,
+    split_batches,
 )
 from ._layout import ActiveLayout
+from ._memory import trim
 from ._sampling import DirectionBlock, stream_direction
 
 __all__ = ["LargeModel", "StreamedDirections", "make_evaluator", "EVALUATIONS",
@@ -50,6 +58,13 @@ EVALUATIONS = ("auto", "vmap", "large")
 # benchmarks/language_model.py finds the two modes equally fast; a GPU's budget would allow
 # vmapped batches of larger models, but one direction per pass keeps their memory bounded.
 LARGE_MODEL_PARAMETERS = 1 << 20
+# With data_batch_size=None the large-model evaluator splits X so that one batch's outputs
+# take at most this many bytes on the CPU (a language model's tokens × vocabulary logits:
+# every forward, JVP and backward then holds one batch's activations, not all of X's; one
+# sequence at a time is no slower on the CPU than eight, benchmarks/language_model.py). On a
+# GPU the budget is an eighth of the memory budget (fewer, larger batches keep it busy).
+BATCH_OUTPUT_BYTES = 32 << 20
+RELEASE_BYTES = 64 << 20  # a perturbed vector this large is freed while JVPs run
 MIXED_CHUNK = 1 << 20  # elements per θ + r·u when θ and u differ in dtype (CPU temporaries)
 
 
@@ -94,6 +109,7 @@ class _Source:
         ev = self.evaluator
         with ev._lock:
             if ev._loaded != (self, index):
+                trim()  # the last direction's temporaries: freed, but kept by the C heap
                 direction = ev._buffers()[0]
                 if not self.layout.all_active:
                     direction.zero_()  # flat coordinates are not written
@@ -132,7 +148,33 @@ class LargeModel(FunctionalModel):
         super().__init__(module, X, device, forward_kwargs=forward_kwargs,
                          data_batch_size=data_batch_size, batches=batches)
         self.stacked = None  # one parameter set per forward: the plain forward is the fast path
+        if data_batch_size is None and batches is None:
+            size = self._auto_batch_size()
+            if size is not None:
+                self.batches = split_batches(self.X, self.forward_kwargs, size)
         self._init_buffers()
+
+    def _auto_batch_size(self) -> int | None:
+        """Examples per data batch whose outputs fit ``BATCH_OUTPUT_BYTES`` (the GPU's: an
+        eighth of its memory budget), or None when all of X fits (or X does not fit the model:
+        binding the cost then says so clearly). One forward of one example measures them."""
+        if self.n_examples < 2:
+            return None
+        params = self.space.unflatten(self.theta)
+        params.update(self.fixed)
+        try:
+            with torch.inference_mode():
+                one = self.call(params, _slice(self.X, 0, 1, self.n_examples),
+                                {k: _slice(v, 0, 1, self.n_examples)
+                                 for k, v in self.forward_kwargs.items()})
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None
+        budget = BATCH_OUTPUT_BYTES
+        if self.device.type == "cuda":
+            budget = max(budget, memory_budget(self.device) // 8)
+        per_example = max(1, one.numel() * one.element_size())
+        size = max(1, budget // per_example)
+        return int(size) if size < self.n_examples else None
 
     def _init_buffers(self):
         self._direction = self._perturbed = None
@@ -164,10 +206,27 @@ class LargeModel(FunctionalModel):
 
     def _buffers(self):
         """(direction, perturbed): the two n-vectors a fit adds, allocated once."""
-        if self._perturbed is None:
+        if self._direction is None:
             self._direction = torch.zeros(self.space.n, dtype=self.ray_dtype, device=self.device)
+        return self._direction, self._perturbed_buffer()
+
+    def _perturbed_buffer(self):
+        """The perturbed n-vector alone (the flat-coordinate test needs no direction)."""
+        if self._perturbed is None:
             self._perturbed = torch.empty_like(self.theta)
-        return self._direction, self._perturbed
+        return self._perturbed
+
+    def _release_perturbed(self):
+        """Free a large perturbed vector while JVPs run: they never use it, and their dual
+        activations are the largest of a fit (a language model's head holds primal, tangent
+        and a temporary of one batch's logits); the next cost evaluation allocates it again.
+        Below ``RELEASE_BYTES`` it is kept: the CPU allocator serves such blocks from its heap,
+        where freeing and re-allocating one between JVPs fragments memory instead of freeing
+        it (glibc maps blocks above 32 MiB directly and returns them at once)."""
+        if self._perturbed is not None and (
+                self._perturbed.numel() * self._perturbed.element_size() >= RELEASE_BYTES):
+            self._perturbed = None
+        trim()
 
     # -- pickling (joblib process workers) ---------------------------------------------------
     def __getstate__(self):
@@ -218,26 +277,28 @@ class LargeModel(FunctionalModel):
             return torch.tensor([self._cost_at(cost, row) for row in thetas],
                                 dtype=torch.float64, device=self.device)
 
-    def moved_costs(self, cost, coords: torch.Tensor, step: float, generator,
-                    draws: int = 2) -> torch.Tensor:
+    def moved_costs(self, cost, coords, step: float, generator, draws: int = 2) -> torch.Tensor:
         """The cost at θ with θ[coords] += step·N(0, 1) noise, for ``draws`` draws (float64).
 
-        The flat-coordinate test of :func:`volsk._problem.find_flat_coordinates`; the noise is
-        drawn from ``generator`` a chunk of coordinates at a time.
+        The flat-coordinate test of :func:`volsk._problem.find_flat_coordinates`. ``coords``:
+        an index tensor or a list of them (pieces of one set, never concatenated: a language
+        model's millions of candidates are held once); the noise is drawn from ``generator``
+        a chunk of coordinates at a time, and only a chunk is on the device at once.
         """
-        coords = coords.to(self.device)
+        parts = [coords] if isinstance(coords, torch.Tensor) else list(coords)
         out = []
         with self._lock:
-            _, perturbed = self._buffers()
+            perturbed = self._perturbed_buffer()
             self._loaded = None
             for _ in range(draws):
                 perturbed.copy_(self.theta)
-                for start in range(0, coords.numel(), MIXED_CHUNK):
-                    where = coords[start : start + MIXED_CHUNK]
-                    noise = torch.randn(where.numel(), generator=generator,
-                                        dtype=torch.float64).to(self.device)
-                    moved = self.theta[where].to(torch.float64) + step * noise
-                    perturbed[where] = moved.to(perturbed.dtype)
+                for part in parts:
+                    for start in range(0, part.numel(), MIXED_CHUNK):
+                        where = part[start : start + MIXED_CHUNK].to(self.device)
+                        noise = torch.randn(where.numel(), generator=generator,
+                                            dtype=torch.float64).to(self.device)
+                        moved = self.theta[where].to(torch.float64) + step * noise
+                        perturbed[where] = moved.to(perturbed.dtype)
                 out.append(self._cost_at(cost, perturbed))
         return torch.tensor(out, dtype=torch.float64, device=self.device)
 
@@ -303,6 +364,7 @@ class LargeModel(FunctionalModel):
         batches = range(len(reduces)) if isinstance(reduce, (list, tuple)) else [None]
         total = torch.zeros(len(directions), dtype=torch.float64, device=self.device)
         with self._lock, torch.no_grad(), FORWARD_AD_LOCK:
+            self._release_perturbed()
             for j in range(len(directions)):
                 u = self._tangent(directions, j)
                 for b, red in zip(batches, reduces):
@@ -327,6 +389,7 @@ class LargeModel(FunctionalModel):
         out = torch.zeros(3, len(directions), dtype=torch.float64, device=self.device)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         with self._lock, torch.no_grad(), FORWARD_AD_LOCK:
+            self._release_perturbed()
             for j in range(len(directions)):
                 u = self._tangent(directions, j)
 
@@ -340,30 +403,39 @@ class LargeModel(FunctionalModel):
 
     def output_jacobian_probe(self, n_probes: int = 2, seed: int = 0) -> torch.Tensor:
         """1 where some random cotangent v gives a non-zero (Jᵀ v)_i, else 0 (uint8, (n,)):
-        0 only on zero Jacobian columns. The gradients are taken per parameter (views of θ),
-        so no n-vector beyond them and this mask is formed."""
+        0 only on zero Jacobian columns. The gradients are taken per parameter (views of θ)
+        and each is read and dropped as soon as the backward pass has formed it (a hook), so
+        besides this mask no more than a layer's gradients exist at once, never a full one."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         leaves = [piece.detach().requires_grad_(True)  # views of θ: no copy
                   for piece in self.space.unflatten(self.theta).values()]
         params = dict(zip(self.space.names, leaves))
         params.update(self.fixed)
         seen = torch.zeros(self.space.n, dtype=torch.uint8, device=self.device)
-        pieces = torch.split(seen, self.space.numels)
-        with torch.enable_grad():
-            for batch in self.batches:
-                out = self.call(params, batch.X, batch.kwargs)
-                mask = batch.token_mask()
-                for _ in range(n_probes):
-                    v = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
-                    if mask is not None and mask.shape == out.shape[:-1]:
-                        v = v * mask[..., None].to(v.dtype)  # masked tokens do not count
-                    grads = torch.autograd.grad(out, leaves, v, retain_graph=True,
-                                                allow_unused=True)
-                    for piece, g in zip(pieces, grads):
-                        if g is not None:
-                            piece |= (g != 0).reshape(-1)
-                    del grads
-                del out
+
+        def reader(piece):
+            def read(leaf):
+                piece.view(leaf.shape).logical_or_(leaf.grad != 0)
+                leaf.grad = None
+            return read
+
+        hooks = [leaf.register_post_accumulate_grad_hook(reader(piece))
+                 for leaf, piece in zip(leaves, torch.split(seen, self.space.numels))]
+        try:
+            with torch.enable_grad():
+                for batch in self.batches:
+                    out = self.call(params, batch.X, batch.kwargs)
+                    mask = batch.token_mask()
+                    for _ in range(n_probes):
+                        v = torch.randn(out.shape, generator=gen,
+                                        dtype=out.dtype).to(out.device)
+                        if mask is not None and mask.shape == out.shape[:-1]:
+                            v = v * mask[..., None].to(v.dtype)  # masked tokens do not count
+                        out.backward(v, retain_graph=True, inputs=leaves)
+                    del out
+        finally:
+            for hook in hooks:
+                hook.remove()
         return seen
 
 

@@ -24,7 +24,7 @@ from .costs import BoundCost, Cost, resolve_cost, resolve_output
 from .measures import MeasureContext
 from .preconditioners import BoundPreconditioner, PreconditionerContext
 
-__all__ = ["Problem", "prepare_problem", "find_flat_coordinates", "bind_cost"]
+__all__ = ["Problem", "prepare_problem", "find_flat_coordinates", "mask_runs", "bind_cost"]
 
 MAX_RADIUS_FACTOR = 1e8  # rays still below the cutoff at 1e8·max(1, |θ|) never cross
 FLAT_TOLERANCE = 1e-6  # a coordinate moved 10·max|θ| that changes the cost < 1e-6·cutoff is flat
@@ -92,8 +92,55 @@ def _anchor_outputs(evaluator, batch=None):
         ) from exc
 
 
-def find_flat_coordinates(evaluator, cost, anchor_cost, tolerance=0.0):
-    """Coordinates that cannot change the cost on X.
+FLAT_CHUNK = 1 << 18  # coordinates of the output-Jacobian probe scanned at a time
+
+
+def _zero_columns(probe: torch.Tensor) -> torch.Tensor:
+    """The sorted indices where ``probe`` is 0, on the CPU: int32 when they fit, built a
+    chunk at a time (a language model's unused embedding rows are millions of candidates:
+    never an int64 per coordinate of the model, nor a second copy)."""
+    n = probe.numel()
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    counts = [int((probe[s : s + FLAT_CHUNK] == 0).sum()) for s in range(0, n, FLAT_CHUNK)]
+    out = torch.empty(sum(counts), dtype=dtype)
+    at = 0
+    for s, count in zip(range(0, n, FLAT_CHUNK), counts):
+        if count:
+            idx = torch.nonzero(probe[s : s + FLAT_CHUNK] == 0).flatten() + s
+            out[at : at + count] = idx.to(dtype).cpu()
+            at += count
+    return out
+
+
+def mask_runs(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The True entries of a bool vector as sorted runs [starts[j], stops[j]) (int64), read a
+    chunk at a time.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk._problem import mask_runs
+    >>> mask_runs(torch.tensor([True, True, False, True, False, False, True]))
+    (array([0, 3, 6]), array([2, 4, 7]))
+    """
+    starts, stops, previous = [], [], False
+    n = mask.numel()
+    for s in range(0, n, FLAT_CHUNK):
+        chunk = mask[s : s + FLAT_CHUNK].cpu().numpy()
+        before = np.empty(chunk.size, dtype=bool)
+        before[0], before[1:] = previous, chunk[:-1]
+        change = np.flatnonzero(chunk != before)
+        starts.append(s + change[chunk[change]])
+        stops.append(s + change[~chunk[change]])
+        previous = bool(chunk[-1])
+    if previous:
+        stops.append(np.array([n]))
+    return (np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64),
+            np.concatenate(stops).astype(np.int64) if stops else np.zeros(0, np.int64))
+
+
+def find_flat_coordinates(evaluator, cost, anchor_cost, tolerance=0.0) -> torch.Tensor:
+    """Coordinates that cannot change the cost on X, as a bool (n,) mask on the device.
 
     Candidates are zero columns of the output Jacobian over X (two random cotangents; masked
     tokens do not count). A set of candidates is confirmed when moving all of them together,
@@ -102,44 +149,54 @@ def find_flat_coordinates(evaluator, cost, anchor_cost, tolerance=0.0):
     may still move the cost by ~1e-10); a set that fails is split in halves (group testing),
     so the usual case — all candidates flat — costs two evaluations. Groups flat on their own
     are then merged greedily, keeping only those that stay flat together.
+
+    The candidates are held once, sorted (int32 when n < 2³¹); a group is a range of them, so
+    no test copies an index set.
     """
     probe = evaluator.output_jacobian_probe()
-    candidates = torch.nonzero(probe == 0).flatten().cpu()
+    candidates = _zero_columns(probe)
+    del probe
+    flat = torch.zeros(evaluator.space.n, dtype=torch.bool, device=evaluator.device)
     if candidates.numel() == 0:
-        return np.zeros(0, dtype=np.int64)
+        return flat
     theta = evaluator.theta
     step = 10.0 * max(1.0, float(theta.abs().max()))  # (max is exact in any dtype)
     gen = torch.Generator().manual_seed(0)  # a fixed probe: it decides nothing random
 
-    def all_flat(group):
+    def all_flat(ranges):
+        parts = [candidates[lo:hi] for lo, hi in ranges]
         if hasattr(evaluator, "moved_costs"):  # the large-model evaluator: one copy of θ
-            moved = evaluator.moved_costs(cost, group, step, gen, draws=2)
+            moved = evaluator.moved_costs(cost, parts, step, gen, draws=2)
         else:
+            group = torch.cat(parts).long()
             noise = torch.randn(2, group.numel(), generator=gen, dtype=torch.float64)
             thetas = theta.repeat(2, 1)
             thetas[:, group.to(theta.device)] += step * noise.to(theta.device)
             moved = evaluator.costs(cost, thetas)
         return bool(((moved - anchor_cost).abs() <= tolerance).all())
 
-    groups, pending = [], [candidates]
+    groups, pending = [], [(0, candidates.numel())]
     while pending:
-        group = pending.pop()
-        if all_flat(group):
-            groups.append(group)
-        elif group.numel() > 1:
-            half = group.numel() // 2
-            pending += [group[:half], group[half:]]
+        lo, hi = pending.pop()
+        if all_flat([(lo, hi)]):
+            groups.append((lo, hi))
+        elif hi - lo > 1:
+            mid = (lo + hi) // 2
+            pending += [(lo, mid), (mid, hi)]
     if not groups:
-        return np.zeros(0, dtype=np.int64)
-    found = torch.cat(groups)
-    if len(groups) > 1 and not all_flat(found):
+        return flat
+    groups.sort()
+    found = groups
+    if len(groups) > 1 and not all_flat(groups):
         # flat one by one need not mean flat together (two weights into one dead unit)
-        found = groups[0]
+        found = groups[:1]
         for group in groups[1:]:
-            trial = torch.cat([found, group])
-            if all_flat(trial):
-                found = trial
-    return np.sort(found.numpy())
+            if all_flat(found + [group]):
+                found = found + [group]
+    for lo, hi in found:
+        for s in range(lo, hi, FLAT_CHUNK):
+            flat[candidates[s : min(hi, s + FLAT_CHUNK)].to(flat.device).long()] = True
+    return flat
 
 
 def bind_cost(evaluator, cost: Cost, output, batch_y):
@@ -247,13 +304,15 @@ def prepare_problem(
     n = evaluator.space.n
     flat = find_flat_coordinates(evaluator, cost_fn, anchor_cost,
                                  tolerance=FLAT_TOLERANCE * float(cutoff))
-    full = torch.ones(n, dtype=torch.bool, device=evaluator.device)
-    if flat.size and measure.is_probability:
+    # runs of coordinates, not one int64 each (a language model's unused embedding rows)
+    flat_runs = FlatCoordinates.from_runs(evaluator.space.names, evaluator.space.shapes,
+                                          *mask_runs(flat))
+    if len(flat_runs) and measure.is_probability:
         # S = S' × R^f and the flat coordinates' marginal mass is 1: integrate them out exactly
-        active = full.clone()
-        active[torch.as_tensor(flat, device=evaluator.device)] = False
+        active = flat.logical_not_()  # in place: one bool vector
     else:
-        active = full
+        del flat
+        active = torch.ones(n, dtype=torch.bool, device=evaluator.device)
     if not bool(active.any()):
         raise ValueError(
             "no parameter changes the model's outputs on X (every coordinate is flat); the "
@@ -293,8 +352,7 @@ def prepare_problem(
         is_probability=bool(measure.is_probability),
         preconditioner=bound_preconditioner,
         mask=active,
-        # runs of coordinates, not one int64 each (a language model's unused embedding rows)
-        flat=FlatCoordinates(evaluator.space.names, evaluator.space.shapes, flat),
+        flat=flat_runs,
         max_radius=max_radius,
         batch_size=int(batch_size),
         generator=resolve_generator(generator, evaluator.device),

@@ -104,7 +104,10 @@ class LocalVolumeEstimator(BaseEstimator):
         Directions evaluated together (None: chosen from a memory budget). Results do not
         depend on it.
     data_batch_size : int or None, default=None
-        Examples of X per forward pass (None: all of X at once). The cost over batches equals
+        Examples of X per forward pass. None: all of X at once, except in the large-model
+        evaluation mode, which splits X so that one batch's outputs take at most 32 MiB on
+        the CPU (a language model's tokens × vocabulary logits; on a GPU an eighth of the
+        free memory budget). The cost over batches equals
         the full-batch cost (an exact weighted mean, token masks included), so results do not
         depend on it beyond rounding. X may also be a ``torch.utils.data.DataLoader`` (not
         shuffling): its batches are used as they come.
