@@ -12,7 +12,10 @@ pilot times, and the fit's peak GPU memory above the model and X
 "host": NumPy's PCG64, the same stream as on the CPU, copied to the GPU); the only other host
 round trip per cost evaluation is the scalar cost. A second table times one direction alone
 (``benchmarks/generators.py``'s measurement: unit normal, identity map, float32 buffer) with
-each generator at the model's n on the same device.
+each generator at the model's n on the same device. A third table (on a GPU by default,
+``--compile``) times one plain forward of the first dtype eager, under ``torch.compile`` and
+under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), with the compilation's time:
+whether a compiled forward would pay for the large-model mode's cost evaluations.
 
 The table is printed and written to ``$OUT/lm_gpu.md`` (``OUT`` defaults to ``./out``).
 ``--tiny`` runs a tiny configuration on the CPU in seconds (what the test suite runs).
@@ -101,6 +104,53 @@ def measure(config, dtype, device, n_seq, length, k, generator="auto"):
     }
 
 
+def compile_rows(config, dtype, device, n_seq, length, repeats=5):
+    """One plain forward (inference mode) eager, under ``torch.compile`` and under
+    ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU): whether compiling the
+    forward — all a cost evaluation runs besides θ + r·u and the KL — would pay."""
+    model = build_lm(config).to(device=device, dtype=dtype)
+    X = tokens(n_seq, length, config["vocab_size"]).to(device)
+
+    def timed(fn):
+        with torch.inference_mode():
+            for _ in range(2):
+                fn()
+            best = float("inf")
+            for _ in range(repeats):
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    eager = timed(lambda: model(X).logits)
+    rows = [("eager", eager, eager, 0.0, "")]
+    for mode in ("default", "reduce-overhead"):
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode=mode)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                compiled(X)
+            sync(device)
+            compile_s = time.perf_counter() - start
+            rows.append((mode, timed(lambda c=compiled: c(X).logits), eager, compile_s, ""))
+        except Exception as exc:  # a backend that is not there is a result too
+            rows.append((mode, None, eager, None, f"{type(exc).__name__}: {exc}"[:70]))
+    return [(str(dtype).replace("torch.", ""), *row) for row in rows]
+
+
+def compile_table(rows):
+    lines = [f"{'dtype':>9}  {'forward':>15}  {'s':>9}  {'× eager':>7}  {'compile s':>9}  note"]
+    for dtype, mode, s, eager, compile_s, note in rows:
+        lines.append(
+            f"{dtype:>9}  {mode:>15}  {'n/a' if s is None else f'{s:.5f}':>9}  "
+            f"{'n/a' if s is None else f'{s / eager:.2f}':>7}  "
+            f"{'n/a' if compile_s is None else f'{compile_s:.1f}':>9}  {note}")
+    return "\n".join(lines)
+
+
 def table(rows):
     head = (f"{'dtype':>9}  {'n':>11}  {'forward s':>9}  {'s/dir':>7}  {'evals':>5}  "
             f"{'ratio':>6}  {'set-up s':>8}  {'pilot s':>7}  {'fit s':>7}  "
@@ -127,6 +177,8 @@ def main(argv=None):
                         default=["bfloat16", "float32"])
     parser.add_argument("--generator", choices=["auto", "host", "device"], default="auto",
                         help="the fits' direction generator (auto: device on CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time one forward eager vs torch.compile (default: on a GPU)")
     parser.add_argument("--generator-repeats", type=int, default=3,
                         help="directions timed per generator in the second table (0: skip)")
     args = parser.parse_args(argv)
@@ -149,12 +201,19 @@ def main(argv=None):
         generators = (f"\nOne direction alone (stream_direction, unit normal, identity map, "
                       f"float32 buffer), median of {args.generator_repeats}:\n\n```\n"
                       f"{generator_table([(device.type, rows[0]['n'], timed)])}\n```\n")
+    compiled = ""
+    if args.compile if args.compile is not None else device.type == "cuda":
+        # the first dtype only: each compilation takes a minute or so of the 8
+        found = compile_rows(config, DTYPES[args.dtypes[0]], device, n_seq, length)
+        compiled = (f"\nOne plain forward on X, eager vs compiled (best of 5, inference "
+                    f"mode):\n\n```\n{compile_table(found)}\n```\n")
+        print(compiled, flush=True)
     gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
            else platform.processor() or platform.machine())
     text = (f"# GPT-NeoX {'tiny' if args.tiny else 'Pythia-31M-shaped'} on {gpu}\n\n"
             f"- X = {n_seq} × {length} tokens, k = {k}, evaluation='large', device={device}, "
             f"generator={rows[0]['generator']}, torch {torch.__version__}\n\n```\n"
-            f"{table(rows)}\n```\n{generators}")
+            f"{table(rows)}\n```\n{generators}{compiled}")
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_gpu.md").write_text(text)
