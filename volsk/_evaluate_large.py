@@ -371,6 +371,8 @@ class LargeModel(FunctionalModel):
                     _, tangent = jvp(lambda th, b=b: transform(self.outputs(th, b)),
                                      (self.theta,), (u,))
                     total[j] += red(tangent).double()
+                    del tangent
+                    trim()  # a batch's duals: the next batch's are as large
         return total
 
     def ray_taylor(self, cost, directions):

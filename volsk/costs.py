@@ -279,7 +279,7 @@ class BoundCost:
 # One chunk of the KL's vocabulary-sized temporaries: rows (tokens) × V elements take at most
 # this many bytes in float64 (half of it in float32). Anchors of up to one chunk are evaluated
 # in one piece, exactly as before chunking; larger ones chunk by chunk of rows.
-_KL_CHUNK_BYTES = 32 * 2**20
+_KL_CHUNK_BYTES = 8 * 2**20
 
 
 class _BoundKL(BoundCost):
