@@ -265,11 +265,14 @@ class LargeModel(FunctionalModel):
                 X, kwargs = (self.X, self.forward_kwargs) if self.X is not None else (
                     self.batches[0].X, self.batches[0].kwargs)
                 return float(cost(self.call(params, X, kwargs)))
-            total = 0.0
+            # summed in float64 where the outputs are: one transfer to the host per
+            # evaluation, not one per data batch (the same numbers as Python floats)
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
             for b, (part, weight) in enumerate(zip(cost.parts, cost.weights)):
                 batch = self.batches[b]
-                total += weight * float(part(self.call(params, batch.X, batch.kwargs)))
-            return total
+                value = part(self.call(params, batch.X, batch.kwargs))
+                total += weight * torch.as_tensor(value, device=self.device).double()
+            return float(total)
 
     def costs(self, cost, thetas: torch.Tensor) -> torch.Tensor:
         """``cost`` at each row of ``thetas`` (B, n) → (B,) float64, one forward per row."""
