@@ -75,11 +75,16 @@ class DiagonalMap(BoundPreconditioner):
     """P = diag(exp(log_p)) with Σ log_p = 0."""
 
     def __init__(self, log_p: torch.Tensor):
-        self.log_p = log_p
+        _check_log_det(log_p)
+        # only the scales are kept: a language model's float64 n-vectors are twice its bytes
         self.scale = log_p.exp()
         self.n = log_p.numel()
         self.curvature = None
-        _check_log_det(log_p)
+
+    @property
+    def log_p(self) -> torch.Tensor:
+        """log of the scales (recomputed: float64 rounding of exp and log, ~1e-16)."""
+        return self.scale.log()
 
     @classmethod
     def from_curvature(cls, curvature, eps, exponent) -> DiagonalMap:
