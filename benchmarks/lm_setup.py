@@ -5,7 +5,8 @@ The model: a Pythia-31M-shaped GPT-NeoX from ``transformers.GPTNeoXConfig`` (hid
 ``benchmarks/language_model.py``), X = 8 × 128 random tokens, the KL cost, one torch thread.
 Its exact Gauss–Newton diagonal would hold one example's Jacobian, 128 × 50 304 outputs ×
 n parameters, so ``"diag_hessian"`` takes its Monte-Carlo route (``DiagHessian(samples=64)``:
-one backward pass per sample, in the model's float32; also on a float64 copy); ``"adam"``
+one backward pass per sample and data batch, in the model's float32; also on a float64 copy,
+``dtype=torch.float64``); ``"adam"``
 reads a real ``torch.optim.AdamW`` state after 2 training steps on X, saved with
 ``torch.save(optimizer.state_dict(), "optimizer.pt")`` as a training run saves it.
 
@@ -14,7 +15,8 @@ problem is prepared (``volsk._pipeline.prepare`` is wrapped; nothing it computes
 set-up = that stage's main-thread CPU seconds (one torch thread does all the work) minus the
 same stage without a preconditioner ("naive", also reported), and the extra peak RSS = the
 process's peak after it minus the peak after loading the trained model and one plain forward,
-as a multiple of the model's parameter bytes.
+as a multiple of the model's parameter bytes. ``sampled_ggn_diagonal`` is wrapped too, to
+report the precision and data batches it ran on and its own CPU seconds.
 
     python benchmarks/lm_setup.py            # the Pythia-31M shape (~10 minutes on one thread)
     python benchmarks/lm_setup.py --quick    # hidden 128, 4 layers, vocabulary 8192, 16 samples
@@ -91,6 +93,7 @@ def child(spec: dict) -> dict:
     import volsk._pipeline as pipeline
     from volsk import LocalVolumeEstimator
     from volsk.preconditioners import DiagHessian
+    from volsk.preconditioners.curvature import ggn
 
     # a first, tiny fit imports what fits import lazily: not the set-up's memory
     LocalVolumeEstimator(sigma=1.0, n_samples=1, preconditioner="diag_hessian",
@@ -117,6 +120,18 @@ def child(spec: dict) -> dict:
         raise _Prepared
 
     pipeline.prepare = timed
+    route = {}
+    sampled = ggn.sampled_ggn_diagonal
+
+    def recorded(target, samples=64, seed=None):
+        # which precision and data batches the sampled route ran on, and its own CPU seconds
+        start = time.thread_time()
+        out = sampled(target, samples, seed)
+        route.update(dtype=str(target.evaluator.model_dtype).removeprefix("torch."),
+                     batches=len(target.parts), seconds=time.thread_time() - start)
+        return out
+
+    ggn.sampled_ggn_diagonal = recorded
     est = LocalVolumeEstimator(1e-2, sigma="auto", n_samples=1, preconditioner=preconditioner,
                                preconditioner_eps=1e-3, random_state=0)
     try:
@@ -125,7 +140,7 @@ def child(spec: dict) -> dict:
         pass
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"name": spec["name"], "prepare_s": seconds["prepare"],
-            "extra_peak": max_rss() - base, "model_bytes": model_bytes,
+            "extra_peak": max_rss() - base, "model_bytes": model_bytes, "route": route,
             "n": sum(p.numel() for p in model.parameters()),
             "outputs": N_SEQ * LENGTH * spec["config"]["vocab_size"]}
 
@@ -160,14 +175,17 @@ def main(quick: bool) -> None:
         f"{exact_bytes / 2**40:,.0f} TiB for one example's Jacobian",
         "",
         f"{'preconditioner':28s} {'prepare s':>10s} {'set-up s':>9s} {'extra peak MiB':>15s} "
-        f"{'× model':>8s}",
+        f"{'× model':>8s}  sampled route",
     ]
     for row in rows:
         setup = row["prepare_s"] - naive
+        route = row["route"]
+        taken = (f"{route['dtype']}, {route['batches']} data batches, {route['seconds']:.1f} s"
+                 if route else "-")
         lines.append(
             f"{row['name']:28s} {row['prepare_s']:10.1f} "
             f"{'-' if row['name'] == 'naive' else f'{setup:.1f}':>9s} "
-            f"{row['extra_peak'] / 2**20:15.0f} {row['extra_peak'] / model_bytes:8.1f}")
+            f"{row['extra_peak'] / 2**20:15.0f} {row['extra_peak'] / model_bytes:8.1f}  {taken}")
     table = "\n".join(lines)
     print(table)
     notes = (
@@ -177,7 +195,9 @@ def main(quick: bool) -> None:
         "torch.optim.AdamW state after 2 steps, read from its optimizer.pt. Set-up = prepare "
         "stage minus the naive one (main-thread CPU seconds, one torch thread); extra peak = "
         "peak RSS of the process after the prepare stage minus its peak after loading the "
-        "model and one plain forward (each row a fresh process)."
+        "model and one plain forward (each row a fresh process). Sampled route: the precision "
+        "and data batches sampled_ggn_diagonal ran on (samples backward passes per batch) and "
+        "its own CPU seconds."
     )
     append_results(f"Language-model preconditioner set-up{' (quick)' if quick else ''}",
                    table, notes)

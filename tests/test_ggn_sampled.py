@@ -5,13 +5,17 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import weakref
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from volsk import LocalVolumeEstimator
 from volsk._evaluate import FunctionalModel
+from volsk._evaluate_large import LargeModel
 from volsk.costs import make_cost
 from volsk.preconditioners import KFAC, DiagHessian, PreconditionerContext
 from volsk.preconditioners.curvature import ggn
@@ -50,9 +54,9 @@ def tokens(vocab, n=3, length=8):
 
 
 def target_of(model, X, cost="kl", mask=None, data_batch_size=None, random_state=0,
-              dtype=torch.float64):
+              dtype=torch.float64, evaluator=FunctionalModel):
     kwargs = {} if mask is None else {"attention_mask": mask}
-    ev = FunctionalModel(model, X, "cpu", forward_kwargs=kwargs, data_batch_size=data_batch_size)
+    ev = evaluator(model, X, "cpu", forward_kwargs=kwargs, data_batch_size=data_batch_size)
     parts = []
     for batch in ev.batches:
         parts.append(make_cost(cost, ev.anchor_outputs(len(parts)), mask=batch.token_mask()))
@@ -84,9 +88,12 @@ def per_sample(target, samples, seed=0):
     """(samples, n_active): each sample's estimate Σ_b g_{b,s}² (the data batches summed)."""
     out = torch.zeros(samples, target.n_active, dtype=torch.float64)
     seen = {}
-    for part, square in ggn._squared_gradient_samples(target, samples, seed, "test"):
+    squares = ggn._ActiveSquares(target)
+    for part, grads in ggn._gradient_samples(target, samples, seed, "test", squares.names):
         s = seen.get(part.batch, 0)
-        out[s] += square
+        square = squares.zeros()
+        squares.add(square, grads)
+        out[s] += squares.result(square)
         seen[part.batch] = s + 1
     return out
 
@@ -126,13 +133,27 @@ def test_sampled_diagonal_converges_to_the_exact_one(case):
     assert float(relative.mean()) < 2.2
 
 
-def _shared_over_examples(root, generator):
+def test_rademacher_cotangents_are_one_stream_in_every_buffer():
+    root = torch.rand(3, 5, 7, dtype=torch.float64) + 0.5
+    bits = torch.randint(0, 2, (2, 3, 5, 7), generator=torch.Generator().manual_seed(4),
+                         dtype=torch.int8)
+    for dtype in (torch.float64, torch.float32):
+        for signs in (None, torch.empty(root.shape, dtype=torch.int8)):  # the CPU, a device
+            generator = torch.Generator().manual_seed(4)
+            out = torch.empty(root.shape, dtype=dtype)
+            for draw in bits:  # two draws into one buffer: the stream goes on
+                got = ggn._rademacher_cotangent(root.to(dtype), generator, signs, out)
+                assert got.data_ptr() == out.data_ptr()
+                assert torch.equal(got, (root * (1 - 2 * draw.double())).to(dtype))
+
+
+def _shared_over_examples(root, generator, signs, out):
     """A wrong estimator: one sign per output unit, the same for every example."""
     signs = torch.randint(0, 2, root.shape[1:], generator=generator).to(root) * 2 - 1
     return root * signs
 
 
-def _one_sign_per_example(root, generator):
+def _one_sign_per_example(root, generator, signs, out):
     """A wrong estimator: one sign per example, shared by its outputs."""
     shape = root.shape[:1] + (1,) * (root.ndim - 1)
     return root * (torch.randint(0, 2, shape, generator=generator).to(root) * 2 - 1)
@@ -195,6 +216,18 @@ def test_auto_samples_where_one_example_jacobian_would_not_fit():
     # the same signs: the two precisions agree to float32 rounding
     torch.testing.assert_close(auto, in_float64, rtol=1e-3, atol=1e-6 * float(auto.max()))
     assert bool((auto >= 0).all()) and bool(torch.isfinite(auto).all())
+
+
+def test_float32_logits_over_a_large_vocabulary_keep_the_fisher():
+    # a float32 log-softmax over 50 304 classes is a few 1e-6 off normalised from rounding
+    # alone; the KL's Hessian at the anchor is still the Fisher, so DiagHessian stays on the
+    # sampled route in the model's float32 (it took a float64 copy of the model when not)
+    z = torch.randn(2, 64, 50304, generator=torch.Generator().manual_seed(0)) * 3
+    rounded = torch.logsumexp(torch.log_softmax(z, -1).double(), -1)
+    assert float(rounded.abs().max()) > 1e-6
+    assert make_cost("kl", z).hessian_equals_ggn()
+    unnormalised = make_cost("kl", z.softmax(-1) * 1.001, output="probabilities")
+    assert not unnormalised.hessian_equals_ggn()
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -288,6 +321,101 @@ def test_sampled_route_memory_is_a_few_output_buffers_not_the_jacobian():
     assert extra < 1 << 30
     # the float64 twin's gradients and a few float64 output-sized buffers, with headroom
     assert extra < 64 * (8 * n + 8 * outputs)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages allocated by the operators run under this mode (forward,
+    backward and in-place fills alike) that are still alive: ``now`` and ``peak``.
+
+    A storage is counted from the operator that first returns it until it is freed (a finalizer
+    on the storage); storages that existed before (met first as an operator's input) count 0.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = {}  # storage address → bytes counted
+        self.now = self.peak = 0
+
+    def _see(self, tensor, new):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.sizes or storage.nbytes() == 0:
+            return
+        self.sizes[key] = storage.nbytes() if new else 0
+        self.now += self.sizes[key]
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key):
+        self.now -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                self._see(t, new=False)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._see(t, new=True)
+        return out
+
+
+def _peak_bytes(target, samples):
+    with LiveBytes() as live:
+        sampled_ggn_diagonal(target, samples, seed=0)
+    return live.peak
+
+
+def _lm_target(evaluator):
+    # a float32 model on two data batches, its embedding only partly active (a fit leaves out
+    # a language model's unused embedding rows)
+    ids, mask = tokens(8192, n=2, length=16)
+    _, target = target_of(gpt_neox(vocab=8192), ids, mask=mask, dtype=None,
+                          data_batch_size=1, evaluator=evaluator)
+    assert target.evaluator.space.names[0].endswith("embed_in.weight")  # the first 8192 × 32
+    active = torch.ones(target.evaluator.space.n, dtype=torch.bool)
+    used = torch.zeros(8192, dtype=torch.bool)
+    used[ids.unique()] = True
+    active[:8192 * 32] = used.repeat_interleave(32)
+    return type(target)(target.evaluator, target.parts, torch.nonzero(active).flatten(), 0)
+
+
+@pytest.mark.parametrize("evaluator", [FunctionalModel, LargeModel])
+def test_sampled_route_allocations_do_not_grow_with_samples(evaluator):
+    pytest.importorskip("transformers")
+    target = _lm_target(evaluator)
+    n, n_active = target.evaluator.space.n, target.n_active
+    outputs = target.evaluator.anchor_outputs(0).numel()  # per data batch
+    few, many = _peak_bytes(target, 2), _peak_bytes(target, 16)
+    # each sample reuses the buffers of the one before: the same allocations, the same peak
+    assert many == few
+    # the float64 sum; θ in the model's dtype (a copy only where θ is kept in float64); one
+    # backward pass's gradients and a chunk of their float64 squares; four float32
+    # output-sized buffers (the factor's root, the cotangent, the log-probabilities the graph
+    # keeps, their gradient); the activations of a 16-token batch here are well under 1 MiB
+    model_bytes = 4 * n
+    copies = 2 if evaluator is FunctionalModel else 1
+    bound = (8 * n_active + copies * model_bytes + 8 * ggn._SQUARE_CHUNK + 4 * 4 * outputs
+             + (1 << 20))
+    assert 8 * n_active <= many <= bound
+
+
+def test_the_allocation_check_sees_what_grows_with_samples(monkeypatch):
+    pytest.importorskip("transformers")
+    target = _lm_target(LargeModel)
+    outputs = target.evaluator.anchor_outputs(0).numel()
+    kept = []
+    draw = ggn._rademacher_cotangent
+
+    def leaky(root, generator, signs, out):
+        kept.append(draw(root, generator, signs, out).clone())
+        return kept[-1]
+
+    monkeypatch.setattr(ggn, "_rademacher_cotangent", leaky)
+    few = _peak_bytes(target, 2)
+    kept.clear()
+    many = _peak_bytes(target, 16)
+    assert many - few >= 2 * 14 * 4 * outputs  # 14 more cotangents kept on each of 2 batches
 
 
 def _snapshot(model):

@@ -33,6 +33,8 @@ EXACT_JACOBIAN_BYTES = 1 << 30
 # bytes per Jacobian entry in the exact route: the model-dtype Jacobian, its float64 copy and
 # the root-weighted rows
 _JACOBIAN_ENTRY_BYTES = 24
+# gradient entries squared at once in the sampled route: a float64 temporary of 512 KiB
+_SQUARE_CHUNK = 1 << 16
 
 
 def _example_axes(X):
@@ -156,39 +158,119 @@ def ggn_matrix(target) -> torch.Tensor:
     return F
 
 
-def _rademacher_cotangent(root, generator):
-    """root ⊙ v for v uniform on {−1, 1}^root.shape, drawn on the CPU (the same numbers on every
-    device) as int8 and turned into root's dtype in place: one outputs-sized buffer."""
-    signs = torch.randint(0, 2, root.shape, generator=generator, dtype=torch.int8)
-    v = signs.to(device=root.device, dtype=root.dtype)
-    return v.mul_(2).sub_(1).mul_(root)
+def _rademacher_cotangent(root, generator, signs, out):
+    """root ⊙ v for v uniform on {−1, 1}^root.shape, written into ``out`` (root's shape, dtype
+    and device), with no allocation.
+
+    v = 1 − 2b for b the bits of ``torch.randint(0, 2, root.shape, generator=generator)`` (one
+    draw per output, in order, from the CPU generator: the same numbers on every device and in
+    every dtype), drawn straight into ``out`` (``signs`` None: ``out`` on the CPU), or into the
+    CPU int8 buffer ``signs`` and copied (to another device); then one exact pass,
+    root − 2·b·root.
+    """
+    if signs is None:
+        out.random_(0, 2, generator=generator)
+    else:
+        out.copy_(signs.random_(0, 2, generator=generator))
+    return torch.addcmul(root, out, root, value=-2, out=out)
 
 
-def _squared_gradient_samples(target, samples, seed, what):
-    """Yield ``(part, g²)`` for each data batch (outer) and sample (inner): g = J_bᵀ(root ⊙ v)
-    with v Rademacher over the batch's outputs, (n_active,) float64 squares.
+class _ActiveSquares:
+    """Adds g_i² of the active coordinates i to a float64 (n_active,) sum, straight from the
+    per-tensor gradients g: no flat copy of g, and float64 squares a chunk at a time.
+
+    Only parameter tensors with an active coordinate are differentiated (``names``); a tensor
+    wholly active is added as it is, a partly active one through the local indices of its
+    active coordinates. ``target.cols`` are distinct coordinates in any order: the sum is kept
+    in increasing coordinate order and put back in ``cols``' order by :meth:`result`.
+    """
+
+    def __init__(self, target):
+        space = target.evaluator.space
+        cols = target.cols
+        self.order = None
+        if cols.numel() > 1 and not bool((cols[1:] > cols[:-1]).all()):
+            self.order = torch.argsort(cols)
+            cols = cols[self.order]
+        offsets = space.offsets().tolist()
+        bounds = torch.searchsorted(
+            cols, torch.tensor(offsets, dtype=cols.dtype, device=cols.device)).tolist()
+        self.n_active = int(cols.numel())
+        self.device = cols.device
+        self.pieces = []  # (name, lo, hi, local indices or None when the whole tensor is active)
+        for name, start, numel, lo, hi in zip(space.names, offsets[:-1], space.numels,
+                                              bounds[:-1], bounds[1:], strict=True):
+            if hi > lo:
+                local = None if hi - lo == numel else cols[lo:hi] - start
+                self.pieces.append((name, lo, hi, local))
+        self.names = [piece[0] for piece in self.pieces]
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.n_active, dtype=torch.float64, device=self.device)
+
+    def add(self, total, grads) -> None:
+        """total += g² over the active coordinates (``grads``: name → gradient tensor), squared
+        in float64 a chunk at a time (an in-cache temporary; a gradient may be shared by two
+        tensors or by the cotangent, so it is never squared in place)."""
+        for name, lo, hi, local in self.pieces:
+            g = grads[name].reshape(-1)
+            # a float32 (or narrower) number's float64 square is exact: a fused multiply-add
+            # rounds as the product then the sum do, in one pass fewer
+            fused = torch.finfo(g.dtype).bits <= 32
+            for start in range(0, hi - lo, _SQUARE_CHUNK):
+                stop = min(hi - lo, start + _SQUARE_CHUNK)
+                piece = g[start:stop] if local is None else g[local[start:stop]]
+                x = piece.to(torch.float64, copy=True)
+                if fused:
+                    total[lo + start:lo + stop].addcmul_(x, x)
+                else:
+                    total[lo + start:lo + stop] += x.mul_(x)
+
+    def result(self, total) -> torch.Tensor:
+        """``total`` in the order of ``target.cols``."""
+        if self.order is None:
+            return total
+        out = torch.empty_like(total)
+        out[self.order] = total
+        return out
+
+
+def _gradient_samples(target, samples, seed, what, names):
+    """Yield ``(part, grads)`` for each data batch (outer) and sample (inner): grads = name →
+    the gradient of the parameter tensor ``name`` (those in ``names``) in g = J_bᵀ(root ⊙ v),
+    v Rademacher over the batch's outputs. Each item is valid until the next is drawn.
 
     One forward pass per batch (its graph kept for the batch's samples), one backward pass per
-    sample; the Rademacher signs come from one CPU generator seeded with ``seed``, in this
-    order, so the numbers do not depend on the device or on anything but (seed, samples,
-    data batches).
+    sample, into one cotangent buffer; the Rademacher signs come from one CPU generator seeded
+    with ``seed``, in this order, so the numbers do not depend on the device or on anything but
+    (seed, samples, data batches). The anchor's parameters are the primals as they are (views
+    of θ in the model's dtype where θ is kept so): the graph holds no flat copy of θ.
     """
     ev = target.evaluator
-    a0 = target.anchor
+    theta = ev.theta.to(ev.model_dtype)
+    params = ev.space.unflatten(theta)
+    primals = {name: params.pop(name) for name in names}
+    constants = {**params, **ev.fixed}  # tensors without an active coordinate: not differentiated
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     for part in target.parts:
-        transform, root = target.ggn_factor(part, what)
+        transform, root = target.ggn_factor(part, what, output_dtype=True)
+        if not primals:
+            continue  # no active coordinate: nothing to differentiate
+        batch = ev.batches[part.batch]
 
-        def f(active, part=part, transform=transform):
-            return transform(ev.outputs(target.flat(active), part.batch))
+        def f(active, transform=transform, batch=batch):
+            return transform(ev.call({**constants, **active}, batch.X, batch.kwargs))
 
-        out, pull = vjp(f, a0)
-        root = root.to(out.dtype)
+        out, pull = vjp(f, primals)
         del out  # the graph keeps what the backward passes need
+        cotangent = torch.empty_like(root)
+        signs = (None if root.device.type == "cpu" else
+                 torch.empty(root.shape, dtype=torch.int8))
         for _ in range(int(samples)):
-            (g,) = pull(_rademacher_cotangent(root, generator))
-            yield part, g.detach().to(torch.float64).pow_(2)
-        del pull
+            (grads,) = pull(_rademacher_cotangent(root, generator, signs, cotangent))
+            yield part, grads
+            del grads
+        del pull, cotangent, signs, root
 
 
 def sampled_ggn_diagonal(target, samples=64, seed=None) -> torch.Tensor:
@@ -216,8 +298,10 @@ def sampled_ggn_diagonal(target, samples=64, seed=None) -> torch.Tensor:
     no bound: a vocabulary row whose token has probability p is seen with probability ~p per
     position and sample, so its estimate is mostly 0 and its relative variance ~1/p.
 
-    Memory: one data batch's forward graph and a few buffers the size of its outputs — never
-    outputs × n_active. The numbers depend only on ``seed``, ``samples`` and the data batches.
+    Memory: one data batch's forward graph, two buffers the size of its outputs in their dtype
+    (root and the cotangent, reused by every sample), one backward pass's gradients and the
+    float64 sum — never outputs × n_active, and nothing that grows with ``samples``. The
+    numbers depend only on ``seed``, ``samples`` and the data batches.
 
     Parameters
     ----------
@@ -248,11 +332,13 @@ def sampled_ggn_diagonal(target, samples=64, seed=None) -> torch.Tensor:
     if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     seed = target.random_state if seed is None else seed
-    out = torch.zeros(target.n_active, dtype=torch.float64, device=target.cols.device)
-    for _part, square in _squared_gradient_samples(target, samples, seed,
-                                                   "the sampled Gauss–Newton diagonal"):
-        out += square
-    return out / samples
+    squares = _ActiveSquares(target)
+    total = squares.zeros()
+    for _part, grads in _gradient_samples(target, samples, seed,
+                                          "the sampled Gauss–Newton diagonal", squares.names):
+        squares.add(total, grads)
+        del grads  # not held while the next sample's backward pass runs
+    return squares.result(total).div_(samples)
 
 
 def exact_jacobian_bytes(target) -> int:

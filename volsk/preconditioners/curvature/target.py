@@ -68,16 +68,25 @@ class CurvatureTarget:
     def part_cost_of(self, part: CostPart, active: torch.Tensor) -> torch.Tensor:
         return part.cost(self.evaluator.outputs(self.flat(active), part.batch))
 
-    def ggn_factor(self, part: CostPart, what: str):
+    def ggn_factor(self, part: CostPart, what: str, *, output_dtype: bool = False):
         """``(transform, root)`` of ``part``'s Gauss–Newton matrix at the anchor (see
-        ``BoundCost.ggn_factor``), or a ValueError naming ``what`` needs it."""
-        factor = part.cost.ggn_factor(self.evaluator.anchor_outputs(part.batch), part.weight)
+        ``BoundCost.ggn_factor``), or a ValueError naming ``what`` needs it.
+
+        ``output_dtype``: root in the dtype of the transformed outputs (that of a cotangent),
+        its float64 original freed before this returns, not kept beside a forward graph."""
+        anchor = self.evaluator.anchor_outputs(part.batch)
+        factor = part.cost.ggn_factor(anchor, part.weight)
         if factor is None:
             raise ValueError(
                 f"{what} needs cost 'kl', 'cross_entropy' or 'mse' (a known output-space "
                 f"curvature); got cost={part.cost.spec!r}. Use preconditioner='hessian' or "
                 "'diag_hessian' for a callable cost."
             )
+        if output_dtype:
+            transform, root = factor
+            with torch.no_grad():
+                dtype = transform(anchor).dtype
+            factor = transform, root.to(dtype)
         return factor
 
     def cost_of(self, active: torch.Tensor) -> torch.Tensor:
