@@ -12,8 +12,9 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from models import small_mlp
+from models import rotated_quadratic_problem, small_mlp
 from volsk import LocalVolumeEstimator
+from volsk.preconditioners import BoundaryFitted
 from volsk.sweeps import Checkpoint, fit_sharded, sweep
 from volsk.sweeps import cluster as cluster_module
 from volsk.sweeps import shards as shards_module
@@ -21,7 +22,7 @@ from volsk.sweeps import sources as sources_module
 
 FITTED = ["log_volume_", "log10_volume_", "bits_", "n_parameters_", "n_evaluations_",
           "n_pilot_evaluations_", "effective_sample_size_", "flat_parameters_", "seed_",
-          "preconditioner_eps_"]
+          "preconditioner_eps_", "preconditioner_exponent_"]
 
 
 def assert_same_fit(one, other):
@@ -31,10 +32,12 @@ def assert_same_fit(one, other):
     np.testing.assert_array_equal(one.sample_log_volumes_, other.sample_log_volumes_)
     np.testing.assert_array_equal(one.radii_, other.radii_)
     pd.testing.assert_frame_equal(one.samples_, other.samples_, check_exact=True)
-    if one.eps_pilot_ is None:
-        assert other.eps_pilot_ is None
-    else:
-        pd.testing.assert_frame_equal(one.eps_pilot_, other.eps_pilot_, check_exact=True)
+    for table in ("eps_pilot_", "boundary_pilot_"):
+        if getattr(one, table) is None:
+            assert getattr(other, table) is None, table
+        else:
+            pd.testing.assert_frame_equal(getattr(one, table), getattr(other, table),
+                                          check_exact=True)
 
 
 def net_factory():
@@ -145,6 +148,119 @@ def test_bad_arguments_are_named(problem):
         fit_sharded(est, net, X, client="tcp://scheduler:8786")
     with pytest.raises(ValueError, match="cutoff"):
         fit_sharded(LocalVolumeEstimator(cutoff=-1.0), net, X)
+
+
+# ------------------------------------------------------- maps chosen by pilots: exponent, boundary
+
+
+# these small problems rest on a few directions (ESS ≈ 1); the warning is tested elsewhere
+CHOSEN_MAPS_WARN = pytest.mark.filterwarnings(
+    "ignore::volsk.results.LowEffectiveSampleSizeWarning")
+
+
+def axis_ellipsoid():
+    """mse = Σ λ_i δ_i², λ over six decades: with the diagonal λ² only exponent 0.25 is exact."""
+    lam = np.logspace(0, 6, 16)
+    model, X = rotated_quadratic_problem(np.diag(lam))
+    return model, X, lam
+
+
+@pytest.fixture(scope="module")
+def chosen_maps():
+    """Settings whose pilots choose a map other than the parameters' default, and their fits
+    in one process: an exponent of 0.25 (not the default 0.5), a boundary correction fitted
+    in a later round (not its base)."""
+    model, X, lam = axis_ellipsoid()
+    exponent = LocalVolumeEstimator(0.01, "lebesgue", preconditioner=lam**2, cost="mse",
+                                    preconditioner_eps="auto", preconditioner_exponent="auto",
+                                    n_samples=12, random_state=0)
+    at_eps = clone(exponent).set_params(preconditioner_eps=0.0)  # exponents compared at 0
+    net, X_net = small_mlp()
+    boundary = LocalVolumeEstimator(
+        sigma=0.5, n_samples=12, random_state=0, preconditioner_eps=1e-3,
+        preconditioner=BoundaryFitted(base="diag_hessian", rounds=2, pilot_directions=16))
+    both = clone(exponent).set_params(preconditioner=BoundaryFitted(
+        base=lam**2, groups="column", rounds=2, pilot_directions=16))  # one group a weight
+    out = {}
+    for name, est, source, data in (("exponent", exponent, model, X),
+                                    ("exponent at eps", at_eps, model, X),
+                                    ("boundary", boundary, net, X_net),
+                                    ("boundary, auto eps and exponent", both, model, X)):
+        out[name] = (est, source, data, clone(est).fit(source, data))
+    return out
+
+
+@CHOSEN_MAPS_WARN
+def test_the_chosen_maps_are_not_the_defaults(chosen_maps):
+    """What makes the tests below telling: a shard that bound the parameters' map (exponent
+    0.5, the boundary fit's base) would give other directions than the fit."""
+    for name in ("exponent", "exponent at eps", "boundary, auto eps and exponent"):
+        assert chosen_maps[name][3].preconditioner_exponent_ == 0.25
+    for name in ("boundary", "boundary, auto eps and exponent"):
+        table = chosen_maps[name][3].boundary_pilot_
+        assert table["selected"].tolist() == [False, False, True]
+
+
+@CHOSEN_MAPS_WARN
+@pytest.mark.parametrize("name", ["exponent", "exponent at eps", "boundary",
+                                  "boundary, auto eps and exponent"])
+@pytest.mark.parametrize("kept", [True, False])
+def test_sharded_fit_binds_the_map_the_pilot_chose(chosen_maps, name, kept, monkeypatch):
+    """fit_sharded with preconditioner_exponent="auto" or a BoundaryFitted preconditioner is
+    the fit, bit for bit: the pilot chooses once and every shard binds its choice."""
+    est, source, data, one = chosen_maps[name]
+    if not kept:  # every shard prepares its own problem and binds the pilot's choice to it
+        monkeypatch.setattr(shards_module, "_keep", lambda *args: None)
+        fits = pipeline_calls(monkeypatch)
+    sharded = fit_sharded(clone(est), source, data, shard_size=5)
+    assert_same_fit(one, sharded)
+    if not kept:  # the pilots ran once, in the pilot task; the shards' problem was prepared
+        assert fits == {"choose_map": 1, "bind_map": 1}  # and bound once, for all three
+
+
+def pipeline_calls(monkeypatch):
+    """Count the calls of the map's stages (choose: the pilots; bind: a shard's binding)."""
+    pipeline = shards_module.pipeline
+    calls = {"choose_map": 0, "bind_map": 0}
+
+    def counted(stage, fn):
+        def call(*args, **kwargs):
+            calls[stage] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for stage in calls:
+        monkeypatch.setattr(pipeline, stage, counted(stage, getattr(pipeline, stage)))
+    return calls
+
+
+@CHOSEN_MAPS_WARN
+def test_chosen_maps_are_cached_and_extended_like_partial_fit(chosen_maps, tmp_path, capsys):
+    for name in ("exponent", "boundary, auto eps and exponent"):
+        est, source, data, one = chosen_maps[name]
+        cache = tmp_path / name.replace(" ", "_").replace(",", "")
+        assert_same_fit(one, fit_sharded(clone(est), source, data, shard_size=5,
+                                         cache_dir=cache))
+        pilot = (set(cache.glob("*.json")) - set(shard_files(cache))).pop()
+        record = json.loads(pilot.read_text())
+        assert record["bind_exponent"] == one.preconditioner_exponent_
+        assert (record["boundary"] is None) == (name == "exponent")
+        for entry, damaged in (("bind_exponent", "0.25"), ("boundary", ["x"])):
+            pilot.write_text(json.dumps({**record, entry: damaged}))
+            capsys.readouterr()
+            assert_same_fit(one, fit_sharded(clone(est), source, data, shard_size=5,
+                                             cache_dir=cache, verbose=1))
+            assert f"no valid {entry!r} entry; recomputing" in capsys.readouterr().err
+        # the choice read back from the cache binds the new shards (fresh problems)
+        longer = clone(est).set_params(n_samples=20).fit(source, data)
+        assert_same_fit(longer, fit_sharded(clone(est).set_params(n_samples=20), source, data,
+                                            shard_size=5, cache_dir=cache))
+        extended = fit_sharded(clone(est), source, data, shard_size=5)
+        assert_same_fit(longer, fit_sharded(extended, source, data, n_samples=8, partial=True,
+                                            shard_size=5))
+        assert_same_fit(longer, clone(est).fit(source, data).partial_fit(source, data,
+                                                                         n_samples=8))
 
 
 # --------------------------------------------------------------------------- model sources
@@ -343,6 +459,14 @@ def test_dask_cluster_gives_the_one_process_estimate(problem, reference, dask_cl
     assert len(pickle.dumps(placed[1])) < 1000 < big.numel()
 
 
+@CHOSEN_MAPS_WARN
+def test_dask_cluster_binds_the_maps_pilots_chose(chosen_maps, dask_client):
+    for name in ("exponent", "boundary, auto eps and exponent"):
+        est, source, data, one = chosen_maps[name]
+        assert_same_fit(one, fit_sharded(clone(est), source, data, client=dask_client,
+                                         shard_size=3))
+
+
 def test_dask_reruns_the_shard_of_a_killed_worker_with_the_same_result(problem, reference,
                                                                       dask_client, tmp_path):
     _net, X, ckpt = problem
@@ -399,8 +523,3 @@ def test_an_optimizer_state_file_travels_to_the_shards(problem, tmp_path):
     assert_same_fit(one, sharded)
 
 
-def test_a_boundary_fitted_preconditioner_is_refused_with_the_way_out(problem):
-    net, X, _ckpt = problem
-    est = LocalVolumeEstimator(n_samples=8, sigma=0.5, preconditioner="boundary")
-    with pytest.raises(ValueError, match="does not fit a BoundaryFitted.*n_jobs"):
-        fit_sharded(est, net, X)

@@ -197,14 +197,18 @@ def test_exponent_parameter_clones_and_is_validated():
             LocalVolumeEstimator(sigma=1.0, n_samples=2, preconditioner_exponent=bad).fit(net, X)
 
 
-def test_fit_sharded_refuses_an_auto_exponent():
+def test_fit_sharded_binds_the_chosen_exponent_in_every_shard(axis_ellipsoid):
     from volsk.sweeps import fit_sharded
 
-    net, X = small_mlp()
-    est = LocalVolumeEstimator(sigma=1.0, n_samples=2, preconditioner="diag_hessian",
-                               preconditioner_exponent="auto")
-    with pytest.raises(ValueError, match="preconditioner_exponent"):
-        fit_sharded(est, net, X)
+    model, X, lam = axis_ellipsoid
+    est = LocalVolumeEstimator(0.01, "lebesgue", preconditioner=lam**2, cost="mse",
+                               preconditioner_eps=0.0, preconditioner_exponent="auto",
+                               n_samples=6, random_state=0)
+    one = clone(est).fit(model, X)
+    sharded = fit_sharded(clone(est), model, X, shard_size=2)
+    assert sharded.preconditioner_exponent_ == one.preconditioner_exponent_ == 0.25
+    np.testing.assert_array_equal(sharded.sample_log_volumes_, one.sample_log_volumes_)
+    pd.testing.assert_frame_equal(sharded.eps_pilot_, one.eps_pilot_, check_exact=True)
 
 
 # ------------------------------------------------------------------------- the rule alone

@@ -4,7 +4,8 @@
 2. :func:`select_eps` — with ``preconditioner_eps="auto"``, a pilot at each eps of a grid
    (and with ``preconditioner_exponent="auto"``, for each exponent of a grid).
 2b. :func:`fit_boundary_map` — with a boundary-fitted preconditioner, pilot rounds that fit
-   its correction; the map of the estimate is fixed here.
+   its correction; the map of the estimate is fixed here. :func:`choose_map` runs stages 2
+   and 2b as ``fit`` does, and :func:`bind_map` binds its choice again in another process.
 3. :func:`calibrate_search` — the search pilot: where every radius search starts.
 4. :func:`run_directions` — direction indices in blocks (split over joblib workers), each
    block drawn, searched for its radii and integrated: per-direction records.
@@ -36,7 +37,7 @@ from ._seeding import (
     stream_seed,
 )
 from .preconditioners import EPS_GRID, choose_eps
-from .preconditioners.boundary import BoundaryStart, fit_boundary
+from .preconditioners.boundary import BoundaryMap, BoundaryStart, fit_boundary
 from .preconditioners.selection import (
     DEFAULT_EXPONENT,
     EPS_EXTEND,
@@ -59,6 +60,9 @@ __all__ = [
     "fit",
     "select_eps",
     "fit_boundary_map",
+    "MapChoice",
+    "choose_map",
+    "bind_map",
     "calibrate_search",
     "estimate_directions",
     "run_directions",
@@ -516,6 +520,108 @@ def fit_boundary_map(problem: Problem, seed: int):
     return replace(problem, preconditioner=chosen), table, evaluations
 
 
+# ------------------------------------------------------------ 2 and 2b: the map of the estimate
+
+
+@dataclass(frozen=True)
+class MapChoice:
+    """What stages 2 and 2b chose (:func:`choose_map`): small and picklable, so that a problem
+    prepared again in another process is bound to the same map (:func:`bind_map`) without
+    running the pilots again.
+
+    Attributes
+    ----------
+    eps, exponent : float or None
+        What the estimator reports as ``preconditioner_eps_`` and ``preconditioner_exponent_``.
+    bind_eps : float
+        The eps to :func:`prepare` the problem with.
+    bind_exponent : float or None
+        The exponent the exponent pilot chose, to bind in place of the settings' "auto"
+        (None: bind with the settings' exponent).
+    eps_table : pandas.DataFrame or None
+        The eps (and exponent) pilot's table; None when no such pilot ran.
+    boundary : numpy.ndarray or None
+        The boundary fit's group coefficients (None: no boundary fit, or its base map kept).
+    boundary_table : pandas.DataFrame or None
+        The boundary fit's rounds.
+    boundary_evaluations : int
+        Cost evaluations the boundary pilots spent.
+    """
+
+    eps: float | None
+    exponent: float | None
+    bind_eps: float
+    bind_exponent: float | None = None
+    eps_table: object = None
+    boundary: np.ndarray | None = None
+    boundary_table: object = None
+    boundary_evaluations: int = 0
+
+
+def choose_map(problem: Problem, eps, exponent, *, n_samples: int, seed: int):
+    """Stages 2 and 2b: choose eps and the exponent when "auto", then fit a boundary map.
+
+    ``problem`` is :func:`prepare`'s (with ``eps``, or ``EPS_GRID[0]`` when it is "auto"),
+    ``eps`` and ``exponent`` the estimator's (numbers or "auto"; an "auto" exponent with a
+    numeric eps compares the exponents of :data:`EXPONENT_GRID` at that eps); the eps pilot
+    runs ``min(EPS_PILOT_DIRECTIONS, n_samples)`` directions per candidate.
+
+    Returns
+    -------
+    problem : Problem
+        Bound to the map of the estimate.
+    choice : MapChoice
+        What was chosen: :func:`bind_map` binds a problem prepared with it to the same map.
+    """
+    auto = isinstance(eps, str)
+    auto_exponent = isinstance(exponent, str)
+    bind_eps = EPS_GRID[0] if auto else float(eps)
+    table = bind_exponent = None
+    if auto_exponent:
+        exponent = DEFAULT_EXPONENT
+    if auto or auto_exponent:
+        pilot = min(EPS_PILOT_DIRECTIONS, n_samples)
+        exponents = EXPONENT_GRID if auto_exponent else None
+        if auto:
+            selection = select_eps(problem, n_directions=pilot, random_state=seed,
+                                   exponents=exponents)
+        else:  # the exponents compared at the given eps
+            selection = select_eps(problem, grid=(float(eps),), n_directions=pilot,
+                                   random_state=seed, refine=(), extend=0, exponents=exponents)
+        chosen, table, problem = selection
+        if auto or chosen is not None:  # a map without with_eps keeps a given eps
+            eps = chosen
+        if chosen is not None:
+            bind_eps = float(chosen)
+        if selection.exponent is not None:
+            exponent = selection.exponent
+            if auto_exponent:
+                bind_exponent = float(selection.exponent)
+    if getattr(problem.preconditioner, "is_identity", False):
+        eps = exponent = None  # the naive map depends on neither
+    problem, boundary_table, boundary_evaluations = fit_boundary_map(problem, seed)
+    fitted = problem.preconditioner
+    boundary = fitted.coefficients if isinstance(fitted, BoundaryMap) else None
+    return problem, MapChoice(eps, exponent, bind_eps, bind_exponent, table,
+                              None if boundary is None else np.asarray(boundary, np.float64),
+                              boundary_table, boundary_evaluations)
+
+
+def bind_map(problem: Problem, choice: MapChoice) -> Problem:
+    """The problem bound to the map :func:`choose_map` chose, without its pilots.
+
+    ``problem`` is :func:`prepare`'s with ``eps=choice.bind_eps`` and, when
+    ``choice.bind_exponent`` is not None, that exponent in the settings: eps and the exponent
+    are bound there. This applies the boundary fit's outcome: its fitted correction (or its
+    base map), made from the chosen coefficients exactly as the fit made it, never fitted
+    again.
+    """
+    start = problem.preconditioner
+    if not isinstance(start, BoundaryStart):
+        return problem
+    return replace(problem, preconditioner=start.corrected(choice.boundary))
+
+
 # ------------------------------------------------------------------------------ the whole fit
 
 
@@ -544,36 +650,19 @@ def fit(model, X, y, settings: Settings, *, eps, n_samples, seed, first=0, optim
     different question there).
     """
     auto = isinstance(eps, str)
-    auto_exponent = isinstance(settings.exponent, str)
     problem = prepare(model, X, y, settings, eps=EPS_GRID[0] if auto else float(eps),
                       n_directions=n_samples, seed=seed, optimizer=optimizer,
                       attention_mask=attention_mask)
     if check is not None:
         check(problem)
-    table = None
-    exponent = DEFAULT_EXPONENT if auto_exponent else settings.exponent
-    if auto or auto_exponent:
-        pilot = min(EPS_PILOT_DIRECTIONS, n_samples)
-        exponents = EXPONENT_GRID if auto_exponent else None
-        if auto:
-            selection = select_eps(problem, n_directions=pilot, random_state=seed,
-                                   exponents=exponents)
-        else:  # the exponents compared at the given eps
-            selection = select_eps(problem, grid=(float(eps),), n_directions=pilot,
-                                   random_state=seed, refine=(), extend=0, exponents=exponents)
-        chosen, table, problem = selection
-        if auto or chosen is not None:  # a map without with_eps keeps a given eps
-            eps = chosen
-        if selection.exponent is not None:
-            exponent = selection.exponent
-    if getattr(problem.preconditioner, "is_identity", False):
-        eps = exponent = None  # the naive map depends on neither
-    problem, boundary_table, boundary_evaluations = fit_boundary_map(problem, seed)
+    problem, choice = choose_map(problem, eps, settings.exponent, n_samples=n_samples,
+                                 seed=seed)
     start = calibrate_search(problem, seed)
     records = run_directions(problem, range(first, first + n_samples), seed, start,
                              n_jobs=n_jobs, progress=progress)
-    return FitResult(problem, records, eps, table, start.evaluations + boundary_evaluations,
-                     exponent, boundary_table)
+    return FitResult(problem, records, choice.eps, choice.eps_table,
+                     start.evaluations + choice.boundary_evaluations, choice.exponent,
+                     choice.boundary_table)
 
 
 # ------------------------------------------------- a problem's summary (fits split over workers)

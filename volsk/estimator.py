@@ -19,7 +19,7 @@ from ._seeding import base_seed
 from ._threads import fit_threads
 from .costs import COSTS, OUTPUT_KINDS, Cost
 from .measures import MEASURES, resolve_measure
-from .preconditioners import EPS_GRID, PRECONDITIONERS, Identity, resolve_preconditioner
+from .preconditioners import EPS_GRID, PRECONDITIONERS, resolve_preconditioner
 from .preconditioners.selection import DEFAULT_EXPONENT
 from .results import (
     DirectionRecords,
@@ -632,13 +632,15 @@ class LocalVolumeEstimator(BaseEstimator):
             )
 
     def _from_records(self, summary, records, *, seed, eps, eps_table, pilot_evaluations,
-                      data_fingerprint, extend=False, generator=None):
+                      data_fingerprint, extend=False, generator=None, exponent=None,
+                      boundary_table=None):
         """Set the fitted state from per-direction records computed outside ``fit``.
 
         ``summary`` is the ``pipeline.ProblemSummary`` of the problem the records answer,
         ``records`` the directions 0 … k − 1 in order (with ``extend``: this fit's records
         followed by the new ones, after ``_check_extension``), ``seed``, ``eps``,
-        ``eps_table`` and ``pilot_evaluations`` what ``pipeline.fit`` would have returned,
+        ``eps_table``, ``pilot_evaluations``, ``exponent`` and ``boundary_table`` what
+        ``pipeline.fit`` would have returned,
         ``generator`` the resolved direction generator (None: this process's resolution).
         The result is what ``fit`` (``partial_fit`` with ``extend``) sets from the same
         records, except that no model is kept (``score(X)`` needs a ``fit``). Returns self.
@@ -650,13 +652,13 @@ class LocalVolumeEstimator(BaseEstimator):
             for name, value in fitted.items():
                 setattr(self, name, value)
             return self
-        naive = isinstance(resolve_preconditioner(self.preconditioner), Identity)
         fitted.update(
             seed_=seed,
             generator_=self._generator() if generator is None else generator,
             eps_pilot_=eps_table,
+            boundary_pilot_=boundary_table,
             preconditioner_eps_=eps,
-            preconditioner_exponent_=None if naive else float(self.preconditioner_exponent),
+            preconditioner_exponent_=exponent,
             _question={"params": self._params_fingerprint(), "data": data_fingerprint},
         )
         self._replace_fitted_state(fitted)

@@ -38,7 +38,7 @@ from .maps import BoundPreconditioner
 from .selection import EPS_TIE_NATS
 
 __all__ = ["BoundaryFitted", "BoundaryMap", "BoundaryStart", "GROUPS", "ROUND_COLUMNS",
-           "group_partitions", "fit_group_curvature", "fit_boundary"]
+           "group_partitions", "fit_group_curvature", "correction_log_scales", "fit_boundary"]
 
 #: The groupings a correction can be constant on.
 GROUPS = ("tensor", "row", "column", "row+column")
@@ -161,6 +161,26 @@ def fit_group_curvature(features, inverse_square_radii, *, shrinkage=0.0) -> np.
     return a
 
 
+def correction_log_scales(coefficients, partitions, floor) -> torch.Tensor:
+    """log s of the correction fitted as group ``coefficients`` a: s_j ∝ c_j^{−1/2}, Σ log s = 0.
+
+    c_j = Σ over partitions of a_{group(j)}, floored at ``floor`` × its mean (a group fitted
+    to 0 is flat as far as the pilot saw: the floor keeps s finite).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from volsk.preconditioners.boundary import correction_log_scales
+    >>> ids = torch.tensor([0, 0, 1, 1])
+    >>> [round(s, 6) for s in correction_log_scales([4.0, 1.0], [ids], floor=1e-3).exp().tolist()]
+    [0.707107, 0.707107, 1.414214, 1.414214]
+    """
+    c = _per_coordinate(torch.as_tensor(coefficients, dtype=torch.float64), partitions)
+    c = torch.clamp(c, min=floor * float(c.mean()))
+    log_s = -0.5 * torch.log(c)
+    return log_s - log_s.mean()
+
+
 class BoundaryMap(BoundPreconditioner):
     """P = P_base · diag(exp(log_s)) with Σ log_s = 0: a fitted correction before a base map.
 
@@ -174,6 +194,9 @@ class BoundaryMap(BoundPreconditioner):
         The base map (det 1), acting on the same active coordinates.
     log_s : torch.Tensor
         (n,) log of the correction, summing to 0.
+    coefficients : numpy.ndarray, optional
+        The group coefficients ``log_s`` was made of (:meth:`BoundaryStart.corrected`): what
+        binds the same map again elsewhere (a sharded fit's workers), far smaller than n.
 
     Examples
     --------
@@ -185,8 +208,9 @@ class BoundaryMap(BoundPreconditioner):
     [1.6487212707001282, 0.6065306597126334]
     """
 
-    def __init__(self, base, log_s):
+    def __init__(self, base, log_s, coefficients=None):
         self.base = base
+        self.coefficients = coefficients
         self.log_s = torch.as_tensor(log_s, dtype=torch.float64).cpu()
         self.n = self.log_s.numel()
         if self.n != base.n:
@@ -240,6 +264,17 @@ class BoundaryStart(BoundPreconditioner):
 
     def _with_exponent(self, exponent):
         return BoundaryStart(self.base.with_exponent(exponent), self.partitions, self.strategy)
+
+    def corrected(self, coefficients):
+        """The map with the correction fitted as group ``coefficients`` (None: the base).
+
+        A pure function of the coefficients and this start, so that another process that
+        bound the same start makes the same map from a fit's few coefficients.
+        """
+        if coefficients is None:
+            return self.base
+        log_s = correction_log_scales(coefficients, self.partitions, self.strategy.floor)
+        return BoundaryMap(self.base, log_s, coefficients=coefficients)
 
     def apply(self, G):
         return self.base.apply(G)
@@ -297,7 +332,9 @@ def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS,
     Returns
     -------
     bound : BoundPreconditioner
-        The last kept map (the base when no fitted round was kept).
+        The last kept map: the base when no fitted round was kept, else a
+        :class:`BoundaryMap` whose ``coefficients`` are the fitted ones
+        (``start.corrected(bound.coefficients)`` makes it again).
     table : pandas.DataFrame
         One row per round (:data:`ROUND_COLUMNS`).
     evaluations : int
@@ -308,11 +345,12 @@ def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS,
 
     base, partitions = start.base, start.partitions
     n_groups = _n_groups(partitions)
-    log_s = torch.zeros(base.n, dtype=torch.float64)
+    a = None  # the group coefficients of the next round's map (None: the base)
     chosen, chosen_round, best = base, 0, -math.inf
     X_all, y_all, rows, evaluations = [], [], [], 0
     for r, seed in enumerate(seeds):
-        candidate = base if r == 0 else BoundaryMap(base, log_s)
+        candidate = start.corrected(a)
+        log_s = candidate.log_s if a is not None else torch.zeros(base.n, dtype=torch.float64)
         rec = run_pilot(candidate, int(seed))
         evaluations += int(np.sum(rec.evaluations))
         summary = summarise_samples(rec.log_volume, rec.evaluations)
@@ -337,12 +375,6 @@ def fit_boundary(start: BoundaryStart, run_pilot, seeds, *, tie=EPS_TIE_NATS,
         if ok.sum() < 2:
             break  # nothing crossed: no shape to fit
         a = fit_group_curvature(X[ok], y[ok], shrinkage=start.strategy.shrinkage)
-        c = _per_coordinate(torch.from_numpy(a), partitions)
-        # a group the fit set to 0 is flat as far as the pilot saw: floor it at a fraction
-        # of the mean, so that s stays finite
-        c = torch.clamp(c, min=start.strategy.floor * float(c.mean()))
-        log_s = -0.5 * torch.log(c)
-        log_s = log_s - log_s.mean()
     table = pd.DataFrame(rows, columns=list(ROUND_COLUMNS[:-1]))
     table["selected"] = table["round"] == chosen_round
     return chosen, table[list(ROUND_COLUMNS)], evaluations

@@ -26,6 +26,7 @@ import volsk._pipeline as pipeline
 
 from .._fingerprint import fingerprint
 from .._version import __version__
+from ..preconditioners.boundary import ROUND_COLUMNS
 from ..preconditioners.selection import PILOT_COLUMNS
 from ..results import SAMPLE_COLUMNS, STATUS, DirectionRecords, FlatCoordinates
 from .shards import Pilot, Shard
@@ -194,14 +195,45 @@ def columns_of(records: DirectionRecords) -> dict:
 # --------------------------------------------------------- a sharded fit's pilot and shards
 
 
+def _columns(table):
+    return None if table is None else {c: table[c].tolist() for c in table.columns}
+
+
+def _table(record, name, columns):
+    """The table ``record[name]`` (columns of equal-length lists, or None) as a DataFrame."""
+    table = record.get(name, "missing")
+    if table is None:
+        return None
+    if not (isinstance(table, dict) and set(table) == set(columns)
+            and len({len(v) if isinstance(v, list) else -1 for v in table.values()}) == 1
+            and all(isinstance(v, list) for v in table.values())):
+        raise DamagedRecord(f"has no valid {name!r} entry")
+    # built as the pilot builds it (an empty table: no pilot ran)
+    empty = not any(table.values())
+    return pd.DataFrame(columns=list(columns)) if empty else pd.DataFrame(
+        table, columns=list(columns))
+
+
+def _number_or_none(record, name):
+    value = record.get(name, "missing")
+    if not (value is None or isinstance(value, int | float)) or isinstance(value, bool):
+        raise DamagedRecord(f"has no valid {name!r} entry")
+    return value
+
+
 def _pilot_record(pilot, key):
-    table = pilot.eps_table
+    choice = pilot.choice
     return {
         "format": CACHE_FORMAT,
         "key": key,
-        "eps": pilot.eps,
-        "bind_eps": pilot.bind_eps,
-        "eps_table": None if table is None else {c: table[c].tolist() for c in table.columns},
+        "eps": choice.eps,
+        "bind_eps": choice.bind_eps,
+        "eps_table": _columns(choice.eps_table),
+        "exponent": choice.exponent,
+        "bind_exponent": choice.bind_exponent,
+        "boundary": None if choice.boundary is None else choice.boundary.tolist(),
+        "boundary_table": _columns(choice.boundary_table),
+        "boundary_evaluations": choice.boundary_evaluations,
         "start": [pilot.start.radius, pilot.start.slope, pilot.start.bend,
                   pilot.start.evaluations],
         "summary": [pilot.summary.n_parameters, pilot.summary.flat.to_record(),
@@ -215,19 +247,22 @@ def _pilot_record(pilot, key):
 
 def _pilot_from_record(record):
     """The :class:`Pilot` a record holds, or :class:`DamagedRecord`."""
-    eps = record.get("eps", "missing")
-    if not (eps is None or isinstance(eps, int | float)) or isinstance(eps, bool):
-        raise DamagedRecord("has no valid 'eps' entry")
-    table = record.get("eps_table", "missing")
-    if table is not None:
-        if not (isinstance(table, dict) and set(table) == set(PILOT_COLUMNS)
-                and len({len(v) if isinstance(v, list) else -1 for v in table.values()}) == 1
-                and all(isinstance(v, list) for v in table.values())):
-            raise DamagedRecord("has no valid 'eps_table' entry")
-        # built as the eps pilot builds it (an empty table: no pilot ran)
-        empty = not any(table.values())
-        table = pd.DataFrame(columns=list(PILOT_COLUMNS)) if empty else pd.DataFrame(
-            table, columns=list(PILOT_COLUMNS))
+    boundary = record.get("boundary", "missing")
+    if boundary is not None:
+        if not (isinstance(boundary, list) and boundary and all(
+                isinstance(v, float) for v in boundary)):
+            raise DamagedRecord("has no valid 'boundary' entry")
+        boundary = np.array(boundary, dtype=np.float64)  # floats round-trip JSON exactly
+    choice = pipeline.MapChoice(
+        eps=_number_or_none(record, "eps"),
+        exponent=_number_or_none(record, "exponent"),
+        bind_eps=float(field(record, "bind_eps", float)),
+        bind_exponent=_number_or_none(record, "bind_exponent"),
+        eps_table=_table(record, "eps_table", PILOT_COLUMNS),
+        boundary=boundary,
+        boundary_table=_table(record, "boundary_table", ROUND_COLUMNS),
+        boundary_evaluations=field(record, "boundary_evaluations", Integral),
+    )
     start = field(record, "start", list)
     summary = field(record, "summary", list)
     try:
@@ -245,9 +280,7 @@ def _pilot_from_record(record):
     if not (n_threads is None or isinstance(n_threads, int)):
         raise DamagedRecord("has no valid 'n_threads' entry")
     return Pilot(
-        eps=eps,
-        bind_eps=float(field(record, "bind_eps", float)),
-        eps_table=table,
+        choice=choice,
         start=pipeline.SearchStart(radius, slope, bend, evaluations),
         summary=pipeline.ProblemSummary(n_parameters, flat, is_probability),
         data_fingerprint=field(record, "data_fingerprint", str),

@@ -8,12 +8,15 @@ the model *source* (a :class:`~volsk.sweeps.Checkpoint`, a factory, or a module 
 and X, and prepares the problem in its worker; a worker keeps the last problem it prepared,
 so it prepares once for all the shards it runs. The pilots run once, in the first task:
 
-- the eps pilot (``preconditioner_eps="auto"``) and the search pilot are pure functions of
-  (problem, seed) and could be recomputed in every worker, but the eps pilot costs several
-  shards' worth of work, and shipping their small results (an eps, four numbers) makes every
-  shard use the same ones even on workers whose arithmetic differs (CPU and GPU workers);
+- the pilots that fix the map (the eps and exponent pilot of ``preconditioner_eps="auto"``
+  and ``preconditioner_exponent="auto"``, the rounds of a boundary-fitted preconditioner) and
+  the search pilot are pure functions of (problem, seed) and could be recomputed in every
+  worker, but they cost several shards' worth of work, and shipping their small results (an
+  eps, an exponent, the boundary fit's group coefficients, four numbers) makes every shard
+  use the same ones even on workers whose arithmetic differs (CPU and GPU workers);
 - their outcome, with a summary of the problem, comes back to the caller and is sent on with
-  every shard.
+  every shard, which binds its own problem to the chosen map (the boundary correction made
+  from the coefficients as the fit made it, not fitted again).
 
 Each shard sends back its per-direction records (eight numbers a direction). Direction i is a
 pure function of (seed, i, the problem, the pilots' results), so the merged records, and the
@@ -44,7 +47,8 @@ from .._fingerprint import fingerprint
 from .._seeding import base_seed
 from .._version import __version__
 from ..estimator import LocalVolumeEstimator
-from ..preconditioners import EPS_GRID, BoundaryFitted, resolve_preconditioner
+from ..preconditioners import EPS_GRID
+from ..preconditioners.selection import DEFAULT_EXPONENT
 from ..results import DirectionRecords
 from ._parallel import Tasks
 from .cache import CACHE_FORMAT, ShardStore, data_fingerprint, estimator_params, source_fingerprint
@@ -153,8 +157,9 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     many workers run the shards, whatever ``shard_size`` and in whatever order they finish.
     Each task receives the model *source* and X (sent to each worker once on dask) and
     prepares the problem in its worker, once per worker; the first task also runs the pilots
-    (``preconditioner_eps="auto"``'s eps pilot and the search pilot) and their results travel
-    to the shards. Workers send back eight numbers per direction.
+    (the eps and exponent pilot of "auto", a boundary-fitted preconditioner's rounds and the
+    search pilot) and their results travel to the shards. Workers send back eight numbers
+    per direction.
 
     Parameters
     ----------
@@ -244,18 +249,6 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
         raise TypeError(f"estimator must be a LocalVolumeEstimator, got {type(estimator).__name__}")
     estimator._validate_params()
     estimator._check_values()
-    if isinstance(estimator.preconditioner_exponent, str):
-        raise ValueError(
-            "fit_sharded does not choose preconditioner_exponent='auto' (its shards bind the "
-            "map before the pilot's choice reaches them); pass a number, e.g. the "
-            "preconditioner_exponent_ of a fit with 'auto'"
-        )
-    if isinstance(resolve_preconditioner(estimator.preconditioner), BoundaryFitted):
-        raise ValueError(
-            "fit_sharded does not fit a BoundaryFitted preconditioner (its shards bind the map "
-            "before the boundary pilot's fit reaches them); fit it with "
-            "LocalVolumeEstimator.fit(n_jobs=...) instead, or shard its base preconditioner"
-        )
     check_source(source)
     k = estimator.n_samples if n_samples is None else n_samples
     for name, value in (("n_samples", k), ("shard_size", shard_size)):
@@ -272,9 +265,12 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     else:
         seed, first = base_seed(estimator.random_state), 0
         eps = estimator.preconditioner_eps
+    exponent = estimator.preconditioner_exponent
+    if extend and isinstance(exponent, str):  # as partial_fit: "auto" keeps the fit's choice
+        exponent = getattr(estimator, "preconditioner_exponent_", None)
+        exponent = DEFAULT_EXPONENT if exponent is None else exponent
     stop = first + int(k)
     generator = estimator._generator()  # once for the whole run: every shard draws with it
-
 
     params = estimator_params(estimator, leave_out=_NOT_IN_QUESTION)
     common = {"format": CACHE_FORMAT, "volsk": __version__, "params": params, "seed": seed}
@@ -284,11 +280,16 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
         "source": identity if identity is not None else ("factory", uuid.uuid4().hex),
         "data": data_fingerprint(X, y, attention_mask),
     })
-    eps_directions = min(pipeline.EPS_PILOT_DIRECTIONS, int(k))
+    # the eps and exponent pilot runs min(EPS_PILOT_DIRECTIONS, k) directions: k is not in
+    # the question's parameters, so it enters the pilot's key when that pilot runs
+    searched = isinstance(eps, str) or isinstance(exponent, str)
+    eps_directions = min(pipeline.EPS_PILOT_DIRECTIONS, int(k)) if searched else 0
+    chosen = () if not isinstance(estimator.preconditioner_exponent, str) else (
+        "exponent", exponent)  # an extension binds the exponent its fit chose
     pilot_key = None if identity is None else fingerprint(
-        question_key, "pilot", eps, eps_directions if isinstance(eps, str) else 0)
-    question = Question(clone(estimator), seed, question_key, int(k), eps_directions,
-                         os.getpid(), generator)
+        question_key, "pilot", eps, eps_directions, *chosen)
+    question = Question(clone(estimator).set_params(preconditioner_exponent=exponent), seed,
+                        question_key, int(k), os.getpid(), generator)
 
     store = ShardStore(cache_dir, verbose)
     engine = _Dask(client) if client is not None else _Joblib(n_jobs)
@@ -310,9 +311,23 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
                 store.save_pilot(pilot_key, pilot)
             if extend:
                 estimator._check_extension(pilot.data_fingerprint)
-            start = pilot.start
-            shard_key = fingerprint({**common, "content": pilot.content, "eps": pilot.bind_eps,
-                                     "start": (start.radius, start.slope, start.bend)})
+            start, choice = pilot.start, pilot.choice
+            question_of_shards = {**common, "content": pilot.content, "eps": choice.bind_eps,
+                                  "start": (start.radius, start.slope, start.bend)}
+            # The pilot's choice of the map is a pure function of the question (parameters
+            # with the seed, the content of model and data) and, through the eps pilot's
+            # min(8, k) directions, of k, which ``common`` leaves out: so what was chosen
+            # enters the key (eps above), and runs whose pilots chose other maps never share
+            # a shard. An "auto" exponent enters as the one bound (a fit's and its
+            # extension's shards share keys); a fit that chooses neither an exponent nor a
+            # boundary correction keeps the key it had before these could be sharded.
+            if isinstance(estimator.preconditioner_exponent, str):
+                bound = choice.bind_exponent if choice.bind_exponent is not None else (
+                    DEFAULT_EXPONENT if isinstance(exponent, str) else exponent)
+                question_of_shards["exponent"] = float(bound)
+            if choice.boundary is not None:
+                question_of_shards["boundary"] = choice.boundary
+            shard_key = fingerprint(question_of_shards)
             plan = _plan(first, stop, shard_size, store.shards(shard_key, first, stop))
             done = {a: shard for a, _b, shard in plan if shard is not None}
             todo = [(*arguments(), question, pilot, a, b) for a, b, shard in plan
@@ -348,9 +363,10 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     if extend:
         records = DirectionRecords.concatenate([estimator._records, records])
     return estimator._from_records(
-        pilot.summary, records, seed=seed, eps=pilot.eps, eps_table=pilot.eps_table,
-        pilot_evaluations=pilot.start.evaluations, data_fingerprint=pilot.data_fingerprint,
-        extend=extend, generator=generator)
+        pilot.summary, records, seed=seed, eps=choice.eps, eps_table=choice.eps_table,
+        pilot_evaluations=pilot.start.evaluations + choice.boundary_evaluations,
+        data_fingerprint=pilot.data_fingerprint, extend=extend, generator=generator,
+        exponent=choice.exponent, boundary_table=choice.boundary_table)
 
 
 def _warn_again(caught):

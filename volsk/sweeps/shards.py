@@ -5,10 +5,12 @@ A task receives the model source, X, and the small :class:`Question` every task 
 shares. The problem (volsk's private copy of the model, its outputs on X, the bound measure
 and preconditioner) is prepared in the worker and kept there (:data:`PREPARED_PROBLEMS`), so a
 worker prepares it once for all the shards it runs. The first task, :func:`pilot_task`, also
-runs the pilots (the eps pilot of ``preconditioner_eps="auto"`` and the search pilot); their
-outcome (:class:`Pilot`) travels with every :func:`shard_task`, which returns the records of
-its contiguous range of directions (:class:`Shard`). Warnings raised in a worker process are
-sent back with the result, to be raised again in the caller.
+runs the pilots that fix the map of the estimate (the eps and exponent pilot of "auto", the
+rounds of a boundary-fitted preconditioner) and the search pilot; their outcome
+(:class:`Pilot`: the map's choice, not the map) travels with every :func:`shard_task`, which
+binds its own problem to the same map and returns the records of its contiguous range of
+directions (:class:`Shard`). Warnings raised in a worker process are sent back with the
+result, to be raised again in the caller.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ PREPARED_PROBLEMS = 1
 class Question:
     """What every task of one sharded fit shares; small, it travels with each task."""
 
-    estimator: LocalVolumeEstimator  # unfitted: its parameters
+    estimator: LocalVolumeEstimator  # unfitted: its parameters (extending: "auto" exponent
+    # replaced by the fit's choice, as partial_fit binds it)
     seed: int
     key: str  # the worker's problem cache key
     n_directions: int  # what one process's fit prepares its problem for (batch-size choice)
-    eps_directions: int  # directions of the eps pilot ("auto")
     parent_pid: int
     generator: str = "host"  # the direction generator, resolved once for the whole run
 
@@ -53,9 +55,7 @@ class Question:
 class Pilot:
     """The first task's outcome: the pilots' results and what the estimator needs to finish."""
 
-    eps: object  # preconditioner_eps_: the chosen or given eps (None: P does not depend on it)
-    bind_eps: float  # what every shard's problem is bound with
-    eps_table: object  # pandas.DataFrame or None
+    choice: pipeline.MapChoice  # eps, exponent and boundary fit: what every shard binds
     start: pipeline.SearchStart
     summary: pipeline.ProblemSummary
     data_fingerprint: str  # the estimator's fingerprint of (anchor, data, labels)
@@ -75,7 +75,7 @@ class Shard:
 
 # ------------------------------------------------------------------------ in the worker
 
-_problems: OrderedDict = OrderedDict()  # (question key, eps) -> _Prepared, in this process
+_problems: OrderedDict = OrderedDict()  # (question key, binding) -> _Prepared, in this process
 _problems_lock = threading.Lock()
 
 
@@ -86,9 +86,20 @@ class _Prepared:
     optimizer: str | None  # fingerprint of the optimizer state the problem was bound with
 
 
-def _prepared(source, X, y, attention_mask, question, eps) -> _Prepared:
-    """The question's problem bound with ``eps``: prepared once per process, then kept."""
-    key = (question.key, float(eps))
+def _binding(eps, choice):
+    """What a kept problem is bound with: ``eps`` alone (the pilot's start: the parameters'
+    exponent, no boundary fit applied), or a pilot's :class:`~volsk._pipeline.MapChoice`."""
+    if choice is None:
+        return (float(eps),)
+    boundary = None if choice.boundary is None else choice.boundary.tobytes()
+    return (choice.bind_eps, choice.bind_exponent, boundary)
+
+
+def _prepared(source, X, y, attention_mask, question, eps, choice=None) -> _Prepared:
+    """The question's problem bound with ``eps`` (``choice``: bound to the map a pilot
+    chose): prepared once per process, then kept."""
+    eps = float(eps) if choice is None else choice.bind_eps
+    key = (question.key, _binding(eps, choice))
     with _problems_lock:  # one preparation at a time: threads of one worker share it
         if key in _problems:
             _problems.move_to_end(key)
@@ -101,11 +112,15 @@ def _prepared(source, X, y, attention_mask, question, eps) -> _Prepared:
         optimizer = kwargs.get("optimizer")
         est = question.estimator
         n_threads = resolve_n_threads(est.n_threads, trainable_parameters(model))
+        exponent = None if choice is None else choice.bind_exponent
         with fit_threads(n_threads):
-            problem = pipeline.prepare(model, X, y, est._settings(generator=question.generator),
+            problem = pipeline.prepare(model, X, y,
+                                       est._settings(exponent, generator=question.generator),
                                        eps=eps,
                                        n_directions=question.n_directions, seed=question.seed,
                                        optimizer=optimizer, attention_mask=attention_mask)
+            if choice is not None:  # the pilot's boundary fit applied, not fitted again
+                problem = pipeline.bind_map(problem, choice)
         state = None if optimizer is None else fingerprint(_optimizer_state(optimizer))
         _problems[key] = _Prepared(problem, n_threads, state)
         return _problems[key]
@@ -118,9 +133,9 @@ def _optimizer_state(optimizer):
     return optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
 
 
-def _keep(question, eps, prepared):
+def _keep(question, choice, prepared):
     with _problems_lock:
-        _problems[(question.key, float(eps))] = prepared
+        _problems[(question.key, _binding(None, choice))] = prepared
         while len(_problems) > PREPARED_PROBLEMS:
             _problems.popitem(last=False)
 
@@ -155,22 +170,25 @@ class _Caught:
 
 
 def pilot_task(source, X, y, attention_mask, question, eps):
-    """Prepare the problem, run the pilots; return a :class:`Pilot` and the worker's warnings."""
-    auto = isinstance(eps, str)
+    """Prepare the problem, run the pilots; return a :class:`Pilot` and the worker's warnings.
+
+    The map of the estimate is chosen by :func:`volsk._pipeline.choose_map`, what ``fit``
+    runs, with the same arguments: the pilot's choice is ``fit``'s.
+    """
     with _Caught(question) as caught:
-        bind = EPS_GRID[0] if auto else float(eps)
-        prepared = _prepared(source, X, y, attention_mask, question, bind)
-        problem, table = prepared.problem, None
+        prepared = _prepared(source, X, y, attention_mask, question,
+                             EPS_GRID[0] if isinstance(eps, str) else eps)
+        est = question.estimator
         with fit_threads(prepared.n_threads):
-            if auto:
-                eps, table, problem = pipeline.select_eps(
-                    problem, n_directions=question.eps_directions, random_state=question.seed)
-                bind = EPS_GRID[0] if eps is None else float(eps)
-                prepared = _Prepared(problem, prepared.n_threads, prepared.optimizer)
-                _keep(question, bind, prepared)
+            problem, choice = pipeline.choose_map(
+                prepared.problem, eps, est.preconditioner_exponent,
+                n_samples=question.n_directions, seed=question.seed)
+            # this worker's shards find the problem bound to the chosen map
+            prepared = _Prepared(problem, prepared.n_threads, prepared.optimizer)
+            _keep(question, choice, prepared)
             start = pipeline.calibrate_search(problem, question.seed)
         data = LocalVolumeEstimator._data_fingerprint(problem, y)
-    pilot = Pilot(eps, bind, table, start, pipeline.summarise(problem), data,
+    pilot = Pilot(choice, start, pipeline.summarise(problem), data,
                    fingerprint(data, prepared.optimizer), prepared.n_threads,
                    problem.evaluator.device.type)
     return pilot, caught.messages()
@@ -191,7 +209,8 @@ def check_device(generator, device, pilot_device):
 def shard_task(source, X, y, attention_mask, question, pilot, first, stop):
     """The records of directions ``first … stop − 1``; a :class:`Shard` and the warnings."""
     with _Caught(question) as caught:
-        problem = _prepared(source, X, y, attention_mask, question, pilot.bind_eps).problem
+        problem = _prepared(source, X, y, attention_mask, question, None,
+                            pilot.choice).problem
         check_device(question.generator, problem.evaluator.device.type, pilot.device)
         began = time.perf_counter()
         with fit_threads(pilot.n_threads):
