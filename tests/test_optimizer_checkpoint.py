@@ -180,6 +180,28 @@ def test_plain_adam_state_dict_on_disk_equals_the_live_optimizer(tmp_path):
                            curvature(model, X, optimizer, moment))
 
 
+def test_a_state_file_is_memory_mapped_and_the_legacy_format_still_read(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    X = trained(model, optimizer)
+    torch.save(optimizer.state_dict(), tmp_path / "zip.pt")
+    torch.save(optimizer.state_dict(), tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    calls = []
+    load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mmap", False))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    live = curvature(model, X, optimizer, 2)
+    assert torch.equal(curvature(model, X, tmp_path / "zip.pt", 2), live)
+    assert calls == [True]  # mapped: only exp_avg_sq is paged in
+    assert torch.equal(curvature(model, X, tmp_path / "legacy.pt", 2), live)
+    assert calls == [True, True, False]  # the legacy format cannot be mapped: read whole
+
+
 def test_ambiguous_shapes_are_decided_by_trainers_grouping(tmp_path):
     model = Gated()
     decay = transformers.Trainer.get_decay_parameter_names(None, model)

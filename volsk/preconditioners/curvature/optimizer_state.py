@@ -140,7 +140,8 @@ def _moment_from_state_dict(sd, module, trainable, moment, what):
             f"{len(everything)} ({len(trainable)} trainable): its param-group order cannot be "
             "matched to model.parameters(). Pass the optimizer object instead"
         )
-    pieces = []
+    out = torch.empty(sum(p.numel() for _, p, _, _ in pairs), dtype=torch.float64)
+    at = 0
     for name, p, i, g in pairs:
         state = sd["state"].get(i, sd["state"].get(str(i), {}))
         if state and any(torch.is_tensor(v) and v.ndim > 0 and tuple(v.shape) != tuple(p.shape)
@@ -150,8 +151,10 @@ def _moment_from_state_dict(sd, module, trainable, moment, what):
                 f"{tuple(p.shape)}): the state_dict's param-group order is not "
                 "model.parameters() order. Pass the optimizer object instead"
             )
-        pieces.append(_moment_from_state(state, g, name, p.shape, moment, what).reshape(-1))
-    return torch.cat(pieces)
+        out[at : at + p.numel()] = _moment_from_state(state, g, name, p.shape, moment,
+                                                      what).reshape(-1)
+        at += p.numel()
+    return out
 
 
 def _checked_state_dict(sd, source="optimizer given as a dict"):
@@ -170,7 +173,8 @@ def load_optimizer_state(path) -> dict:
         A file written by ``torch.save(optimizer.state_dict(), path)`` — a Hugging Face
         ``Trainer`` checkpoint's ``optimizer.pt`` is one — or a checkpoint folder holding
         ``optimizer.pt``. Read with ``torch.load(path, map_location="cpu",
-        weights_only=True)``: tensors and plain values only, no code runs.
+        weights_only=True, mmap=True)`` (without ``mmap`` for torch's legacy format): tensors
+        and plain values only, no code runs, and only the tensors read are paged in.
 
     Returns
     -------
@@ -199,7 +203,12 @@ def load_optimizer_state(path) -> dict:
     if not p.is_file():
         raise ValueError(f"optimizer state file {str(path)!r} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            # memory-mapped: only the moment that is read (exp_avg_sq) is paged in, not
+            # exp_avg nor anything else the optimizer saved (a language model's are ~its size)
+            state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+            state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
         raise ValueError(f"cannot read optimizer state {str(path)!r}: {exc}") from None
     return _checked_state_dict(state, repr(str(path)))
