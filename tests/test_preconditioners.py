@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from models import log_ellipsoid_volume, rotated_quadratic_problem
+from models import log_ellipsoid_volume, rotated_quadratic_problem, small_mlp
 from volsk import LocalVolumeEstimator
 from volsk._evaluate import FunctionalModel
 from volsk._pipeline import estimate_directions, select_eps
+from volsk._pipeline import fit as run_pipeline
 from volsk._problem import prepare_problem
 from volsk._seeding import EPS_PILOT_STREAM, stream_seed
 from volsk.costs import make_cost
@@ -490,3 +491,23 @@ def test_auto_eps_on_digits_never_falls_below_naive_and_is_stable_across_seeds()
     assert np.ptp(half_decades) <= 1 + 1e-9
     # the pilot's cost: 8 directions at each of 8 eps
     assert all(c.table["directions"].sum() == 64 for c in chosen)
+
+
+def test_a_settled_diagonal_map_drops_its_curvature_and_keeps_its_directions():
+    net, X = small_mlp()
+    est = LocalVolumeEstimator(preconditioner="diag_hessian", n_samples=4, random_state=0)
+    result = run_pipeline(net, X, None, est._settings(), eps="auto", n_samples=4, seed=0)
+    P = result.problem.preconditioner
+    assert isinstance(P, DiagonalMap) and P.curvature is None  # dropped once eps is chosen
+    with pytest.raises(ValueError, match="built from scales"):
+        P.with_eps(1e-3)
+    h = torch.rand(50, dtype=torch.float64) + 0.1
+    full = DiagonalMap.from_curvature(h, 1e-2, 0.5)
+    settled = full.settled()
+    assert settled.curvature is None and full.curvature is not None  # a copy
+    assert settled.scale is full.scale and settled.settled() is settled
+    G = torch.randn(3, 50, dtype=torch.float64)
+    assert torch.equal(settled.apply(G), full.apply(G))
+    fitted = est.fit(net, X)  # the estimator runs this pipeline: the same records
+    np.testing.assert_array_equal(fitted.sample_log_volumes_,
+                                  result.records.log_volume)

@@ -657,6 +657,10 @@ def fit(model, X, y, settings: Settings, *, eps, n_samples, seed, first=0, optim
         check(problem)
     problem, choice = choose_map(problem, eps, settings.exponent, n_samples=n_samples,
                                  seed=seed)
+    # the map is fixed: what only its choice needed goes (a diagonal map's curvature)
+    settled = getattr(problem.preconditioner, "settled", None)
+    if settled is not None:
+        problem = replace(problem, preconditioner=settled())
     start = calibrate_search(problem, seed)
     records = run_directions(problem, range(first, first + n_samples), seed, start,
                              n_jobs=n_jobs, progress=progress)

@@ -7,6 +7,7 @@ from a curvature can be re-made for another eps or exponent without recomputing 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -35,6 +36,11 @@ class BoundPreconditioner:
 
     def apply(self, G: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def settled(self) -> BoundPreconditioner:
+        """The map as the estimate's directions use it, without what only choosing eps or
+        the exponent needed (``with_eps`` may then be unavailable). This map by default."""
+        return self
 
 
 def diagonal_scales(curvature, eps, exponent) -> torch.Tensor:
@@ -100,6 +106,15 @@ class DiagonalMap(BoundPreconditioner):
     def with_exponent(self, exponent) -> DiagonalMap:
         self._check_curvature()
         return DiagonalMap.from_curvature(self.curvature, self.eps, exponent)
+
+    def settled(self) -> DiagonalMap:
+        """The same scales without the curvature (a float64 n-vector kept for ``with_eps``
+        and ``with_exponent`` only: twice a float32 language model's bytes)."""
+        if self.curvature is None:
+            return self
+        out = copy.copy(self)  # shares the scales
+        out.curvature = None
+        return out
 
     def _check_curvature(self):
         if self.curvature is None:
