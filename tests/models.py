@@ -53,3 +53,13 @@ def small_mlp(seed=0, n=40):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
     X = torch.randn(n, 5, generator=gen)
     return net, X
+
+
+def trained(model, optimizer, steps=3):
+    """A few optimizer steps on a fixed X (16 × 3) of squared outputs; returns X."""
+    X = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(X).pow(2).mean().backward()
+        optimizer.step()
+    return X

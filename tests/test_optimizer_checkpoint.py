@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import trained
 from volsk import LocalVolumeEstimator
 from volsk._evaluate import FunctionalModel
 from volsk.cli import main
@@ -159,15 +160,6 @@ class Gated(nn.Module):
 
     def forward(self, x):
         return self.norm(self.fc(x) * self.gain)
-
-
-def trained(model, optimizer, steps=3):
-    X = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(X).pow(2).mean().backward()
-        optimizer.step()
-    return X
 
 
 def test_plain_adam_state_dict_on_disk_equals_the_live_optimizer(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import log_ellipsoid_volume, rotated_quadratic_problem, small_mlp
+from models import log_ellipsoid_volume, rotated_quadratic_problem, small_mlp, trained
 from volsk import LocalVolumeEstimator
 from volsk._evaluate import FunctionalModel
 from volsk._pipeline import estimate_directions, select_eps
@@ -155,15 +155,6 @@ class Reordered(nn.Module):
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x)))
-
-
-def trained(model, optimizer, steps=3):
-    X = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(X).pow(2).mean().backward()
-        optimizer.step()
-    return X
 
 
 def adam_ctx(model, X, optimizer):
