@@ -110,7 +110,7 @@ class _Source:
         with ev._lock:
             if ev._loaded != (self, index):
                 trim()  # the last direction's temporaries: freed, but kept by the C heap
-                direction = ev._buffers()[0]
+                direction = ev._direction_buffer()
                 if not self.layout.all_active:
                     direction.zero_()  # flat coordinates are not written
                 self.found[index] = stream_direction(
@@ -206,9 +206,14 @@ class LargeModel(FunctionalModel):
 
     def _buffers(self):
         """(direction, perturbed): the two n-vectors a fit adds, allocated once."""
+        return self._direction_buffer(), self._perturbed_buffer()
+
+    def _direction_buffer(self):
+        """The direction n-vector alone (a direction is loaded before its JVP, which needs no
+        perturbed copy)."""
         if self._direction is None:
             self._direction = torch.zeros(self.space.n, dtype=self.ray_dtype, device=self.device)
-        return self._direction, self._perturbed_buffer()
+        return self._direction
 
     def _perturbed_buffer(self):
         """The perturbed n-vector alone (the flat-coordinate test needs no direction)."""
@@ -353,7 +358,7 @@ class LargeModel(FunctionalModel):
                     if isinstance(U, StreamedDirections):
                         U.load(int(pos[j]))
                     else:
-                        self._buffers()[0].copy_(U[int(pos[j])])
+                        self._direction_buffer().copy_(U[int(pos[j])])
                         self._loaded = None
                     out[j] = self._cost_at(cost, self._perturb(float(r[j])))
             return out
