@@ -155,6 +155,32 @@ def test_partial_fit_equals_one_long_fit():
         est.partial_fit(other, X, n_samples=2)
 
 
+def test_partial_fit_reuses_the_fits_pilots(monkeypatch):
+    import volsk._pipeline as pipeline
+    from volsk.sweeps import fit_sharded
+
+    net, X = small_mlp()
+    kw = dict(sigma=1.0, preconditioner="boundary", preconditioner_eps="auto",
+              preconditioner_exponent="auto", random_state=3)
+    long = LocalVolumeEstimator(n_samples=10, **kw).fit(net, X)
+    est = LocalVolumeEstimator(n_samples=6, **kw).fit(net, X)
+    spent = est.n_pilot_evaluations_
+    with monkeypatch.context() as patch:  # no pilot may run again
+        for stage in ("choose_map", "calibrate_search", "select_eps", "fit_boundary_map"):
+            patch.setattr(pipeline, stage, lambda *a, stage=stage, **k: pytest.fail(stage))
+        est.partial_fit(net, X, n_samples=4)
+    np.testing.assert_array_equal(est.sample_log_volumes_, long.sample_log_volumes_)
+    assert est.n_pilot_evaluations_ == spent == long.n_pilot_evaluations_
+    assert est.preconditioner_exponent_ == long.preconditioner_exponent_
+    # an estimate replaced by a sharded fit of other data keeps no pilots of the first one
+    other = X[:25]
+    est = LocalVolumeEstimator(n_samples=6, **kw).fit(net, X)
+    fit_sharded(est, net, other)
+    est.partial_fit(net, other, n_samples=4)
+    whole = LocalVolumeEstimator(n_samples=10, **kw).fit(net, other)
+    np.testing.assert_array_equal(est.sample_log_volumes_, whole.sample_log_volumes_)
+
+
 def test_score_on_new_data_uses_the_same_anchor():
     net, X = small_mlp()
     est = LocalVolumeEstimator(sigma=0.5, n_samples=6, random_state=0).fit(net, X)

@@ -638,35 +638,52 @@ class FitResult:
     pilot_evaluations: int
     exponent: float | None = None
     boundary_table: object = None
+    choice: MapChoice | None = None
+    start: SearchStart | None = None
 
 
 def fit(model, X, y, settings: Settings, *, eps, n_samples, seed, first=0, optimizer=None,
-        attention_mask=None, n_jobs=None, progress=None, check=None) -> FitResult:
+        attention_mask=None, n_jobs=None, progress=None, check=None,
+        pilots=None) -> FitResult:
     """The algorithm in order, for directions ``first … first + n_samples − 1``.
 
     ``eps`` and ``settings.exponent`` are numbers or "auto" (stage 2 picks them; an "auto"
     exponent with a numeric eps compares the exponents of :data:`EXPONENT_GRID` at that
     eps). ``check(problem)`` runs after stage 1 and may raise (``partial_fit`` refuses a
-    different question there).
+    different question there). ``pilots``: the ``(choice, start)`` of an earlier fit of the
+    same question (``FitResult.choice`` and ``.start``; ``eps`` and the exponent then its
+    bound ones): the map is bound from the choice and the searches start where that fit's
+    did, without running a pilot again — the same records, since every pilot is a pure
+    function of the problem and the seed (``pilot_evaluations`` is then 0).
     """
+    if pilots is not None:  # bound as the shards of a sharded fit bind it
+        eps = pilots[0].bind_eps
+        if pilots[0].bind_exponent is not None:
+            settings = replace(settings, exponent=pilots[0].bind_exponent)
     auto = isinstance(eps, str)
     problem = prepare(model, X, y, settings, eps=EPS_GRID[0] if auto else float(eps),
                       n_directions=n_samples, seed=seed, optimizer=optimizer,
                       attention_mask=attention_mask)
     if check is not None:
         check(problem)
-    problem, choice = choose_map(problem, eps, settings.exponent, n_samples=n_samples,
-                                 seed=seed)
+    if pilots is None:
+        problem, choice = choose_map(problem, eps, settings.exponent, n_samples=n_samples,
+                                     seed=seed)
+    else:
+        choice, start = pilots
+        problem = bind_map(problem, choice)
     # the map is fixed: what only its choice needed goes (a diagonal map's curvature)
     settled = getattr(problem.preconditioner, "settled", None)
     if settled is not None:
         problem = replace(problem, preconditioner=settled())
-    start = calibrate_search(problem, seed)
+    spent = 0
+    if pilots is None:
+        start = calibrate_search(problem, seed)
+        spent = start.evaluations + choice.boundary_evaluations
     records = run_directions(problem, range(first, first + n_samples), seed, start,
                              n_jobs=n_jobs, progress=progress)
-    return FitResult(problem, records, choice.eps, choice.eps_table,
-                     start.evaluations + choice.boundary_evaluations, choice.exponent,
-                     choice.boundary_table)
+    return FitResult(problem, records, choice.eps, choice.eps_table, spent, choice.exponent,
+                     choice.boundary_table, choice, start)
 
 
 # ------------------------------------------------- a problem's summary (fits split over workers)

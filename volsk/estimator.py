@@ -390,6 +390,7 @@ class LocalVolumeEstimator(BaseEstimator):
             preconditioner_exponent_=result.exponent,
             n_pilot_evaluations_=result.pilot_evaluations,
             _question=self._question_of(result.problem, y),
+            _pilots=(result.choice, result.start),  # partial_fit extends without them
         )
         self._replace_fitted_state(fitted)
         return self
@@ -404,7 +405,9 @@ class LocalVolumeEstimator(BaseEstimator):
         ``n_threads``, ``verbose``, ``batch_size``, ``evaluation`` (rounding only) and
         ``random_state``, whose seed is kept in ``seed_``) different from the fitted ones
         raises ValueError; call ``fit`` to start a new estimate. On an unfitted estimator it is
-        ``fit`` with ``n_samples`` directions.
+        ``fit`` with ``n_samples`` directions. The fit's pilots (the eps, exponent and
+        boundary choices and the search pilot) are reused, not run again; an estimate from
+        :func:`~volsk.sweeps.fit_sharded` runs them once more (the same outcome).
 
         Returns
         -------
@@ -458,18 +461,23 @@ class LocalVolumeEstimator(BaseEstimator):
                 self.preconditioner_exponent)
         first = len(self._records)
         progress = self._progress(int(extra))
+        # the fit's pilots (map and search start) are reused: the same records, none of
+        # their cost again (an estimate from fit_sharded or an older pickle runs them)
+        pilots = getattr(self, "_pilots", None)
         try:
             result = pipeline.fit(model, X, y, self._settings(exponent), eps=eps,
                                   n_samples=int(extra),
                                   seed=self.seed_, first=first, optimizer=optimizer,
                                   attention_mask=attention_mask, n_jobs=self.n_jobs,
-                                  progress=progress, check=same_anchor)
+                                  progress=progress, check=same_anchor, pilots=pilots)
             records = DirectionRecords.concatenate([self._records, result.records])
             fitted = self._fitted_state(result.problem, records)
         finally:
             if progress is not None:
                 progress.close()
-        fitted.update(n_pilot_evaluations_=result.pilot_evaluations)
+        if pilots is None:
+            fitted.update(n_pilot_evaluations_=result.pilot_evaluations,
+                          _pilots=(result.choice, result.start))
         for name, value in fitted.items():
             setattr(self, name, value)
         return self
@@ -536,8 +544,9 @@ class LocalVolumeEstimator(BaseEstimator):
 
     def _replace_fitted_state(self, fitted: dict):
         """Drop the previous fit's attributes and set the new ones (only once all succeeded)."""
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]:
-            delattr(self, attr)
+        stale = [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]
+        for attr in stale + (["_pilots"] if hasattr(self, "_pilots") else []):
+            delattr(self, attr)  # an estimate without its fit's pilots runs them again
         for name, value in fitted.items():
             setattr(self, name, value)
 
