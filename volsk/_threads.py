@@ -20,9 +20,10 @@ caller its own setting back.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from numbers import Integral
 
 import torch
+
+from ._checks import is_integer
 
 __all__ = ["AUTO_MAX_PARAMETERS", "resolve_n_threads", "fit_threads", "trainable_parameters"]
 
@@ -84,7 +85,7 @@ def resolve_n_threads(n_threads, n_parameters) -> int | None:
         if n_parameters is not None and n_parameters < AUTO_MAX_PARAMETERS:
             return 1
         return None
-    if not isinstance(n_threads, Integral) or isinstance(n_threads, bool) or n_threads < 1:
+    if not is_integer(n_threads, 1):
         raise ValueError(
             f"n_threads must be 'auto', None or an integer >= 1, got {n_threads!r}"
         )

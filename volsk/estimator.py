@@ -12,6 +12,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import _pipeline as pipeline
+from ._checks import is_integer
 from ._evaluate_large import EVALUATIONS
 from ._fingerprint import AsFloat64, fingerprint
 from ._sampling import GENERATORS, resolve_generator
@@ -427,7 +428,7 @@ class LocalVolumeEstimator(BaseEstimator):
         True
         """
         extra = self.n_samples if n_samples is None else n_samples
-        if not isinstance(extra, Integral) or isinstance(extra, bool) or extra < 1:
+        if not is_integer(extra, 1):
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         self._validate_params()
         self._check_values()

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import check_int
+
 __all__ = [
     "L2_WEIGHT_DECAY",
     "N_DIGITS",
@@ -212,8 +214,8 @@ def load_digits_splits(
     """
     from sklearn.datasets import load_digits
 
-    n_train = _check_int("n_train", n_train, low=1, high=N_DIGITS - 1)
-    n_poison = _check_int("n_poison", n_poison, low=0, high=N_DIGITS - n_train - 1)
+    n_train = check_int("n_train", n_train, low=1, high=N_DIGITS - 1)
+    n_poison = check_int("n_poison", n_poison, low=0, high=N_DIGITS - n_train - 1)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
 
@@ -297,7 +299,7 @@ def make_digits_mlp(
     >>> bool(torch.equal(net[0].weight, make_digits_mlp(seed=0)[0].weight))
     True
     """
-    hidden = _check_int("hidden", hidden, low=1)
+    hidden = check_int("hidden", hidden, low=1)
     key = activation.lower() if isinstance(activation, str) else activation
     if key not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
@@ -583,9 +585,9 @@ def train_digits_mlp(
     >>> run.test_accuracy > 0.8
     True
     """
-    epochs = _check_int("epochs", epochs, low=1)
-    batch_size = _check_int("batch_size", batch_size, low=1)
-    hidden = _check_int("hidden", hidden, low=1)
+    epochs = check_int("epochs", epochs, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    hidden = check_int("hidden", hidden, low=1)
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if not (
@@ -683,17 +685,6 @@ def train_digits_mlp(
 
 
 # -------------------------------------------------------------------------- helpers
-
-
-def _check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
 
 
 def _check_poison(poison) -> float:

@@ -43,6 +43,7 @@ import torch
 from sklearn.base import clone
 
 from .. import Checkpoint
+from .._checks import check_int
 from ..estimator import LocalVolumeEstimator
 from ..priors import InitPriorWarning
 
@@ -225,8 +226,8 @@ def load_stdlib_corpus(
     >>> bytes(splits.heldout_subset(1)[0].tolist()).decode("utf-8", "replace")[:1] != ""
     True
     """
-    seq_len = _check_int("seq_len", seq_len, low=2)
-    max_bytes = _check_int("max_bytes", max_bytes, low=2 * seq_len)
+    seq_len = check_int("seq_len", seq_len, low=2)
+    max_bytes = check_int("max_bytes", max_bytes, low=2 * seq_len)
     if isinstance(heldout_fraction, bool) or not (
         isinstance(heldout_fraction, int | float | np.floating) and 0 < heldout_fraction < 1
     ):
@@ -357,19 +358,19 @@ def make_tiny_gpt_neox(
     >>> all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     True
     """
-    hidden_size = _check_int("hidden_size", hidden_size, low=1)
-    num_layers = _check_int("num_layers", num_layers, low=1)
-    num_heads = _check_int("num_heads", num_heads, low=1)
+    hidden_size = check_int("hidden_size", hidden_size, low=1)
+    num_layers = check_int("num_layers", num_layers, low=1)
+    num_heads = check_int("num_heads", num_heads, low=1)
     if hidden_size % num_heads:
         raise ValueError(
             f"hidden_size must be a multiple of num_heads, got {hidden_size} and {num_heads}"
         )
     intermediate_size = (
         4 * hidden_size if intermediate_size is None
-        else _check_int("intermediate_size", intermediate_size, low=1)
+        else check_int("intermediate_size", intermediate_size, low=1)
     )
-    max_positions = _check_int("max_positions", max_positions, low=1)
-    vocab_size = _check_int("vocab_size", vocab_size, low=2)
+    max_positions = check_int("max_positions", max_positions, low=1)
+    vocab_size = check_int("vocab_size", vocab_size, low=2)
     try:  # optional dependency, and seconds to import
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     except ImportError as exc:  # pragma: no cover - transformers is in the test extras
@@ -546,7 +547,7 @@ def default_checkpoint_steps(steps: int) -> list[int]:
     >>> default_checkpoint_steps(3)
     [0, 1, 2, 3]
     """
-    steps = _check_int("steps", steps, low=1)
+    steps = check_int("steps", steps, low=1)
     return sorted({0, *(int(round(steps / 2**j)) for j in range(5))})
 
 
@@ -628,9 +629,9 @@ def train_language_model(
     >>> run.history[-1]["heldout_loss"] < run.history[0]["heldout_loss"]
     True
     """
-    steps = _check_int("steps", steps, low=1)
-    batch_size = _check_int("batch_size", batch_size, low=1)
-    n_eval = _check_int("n_eval", n_eval, low=1)
+    steps = check_int("steps", steps, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    n_eval = check_int("n_eval", n_eval, low=1)
     if not (isinstance(lr, int | float) and not isinstance(lr, bool)
             and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
@@ -645,7 +646,7 @@ def train_language_model(
         checkpoint_steps = set(default_checkpoint_steps(steps))
     else:
         checkpoint_steps = {
-            _check_int("checkpoint_steps", s, low=0, high=steps) for s in checkpoint_steps
+            check_int("checkpoint_steps", s, low=0, high=steps) for s in checkpoint_steps
         }
     n_eval_train = min(n_eval, splits.n_train)
     n_eval_heldout = min(n_eval, splits.n_heldout)
@@ -780,7 +781,7 @@ def volume_along_training(
     if not run.checkpoints:
         raise ValueError("run has no checkpoints; train with checkpoint_steps")
     if X is None:
-        X = run.splits.heldout_subset(_check_int("n_sequences", n_sequences, low=1))
+        X = run.splits.heldout_subset(check_int("n_sequences", n_sequences, low=1))
     if estimator is None:
         estimator = LocalVolumeEstimator(**_VOLUME_DEFAULTS)
     elif not isinstance(estimator, LocalVolumeEstimator):
@@ -889,17 +890,6 @@ def language_demo(
 
 
 def _spread(ids: torch.Tensor, n, name: str) -> torch.Tensor:
-    n = _check_int(name, n, low=1, high=ids.shape[0])
+    n = check_int(name, n, low=1, high=ids.shape[0])
     rows = np.round(np.linspace(0, ids.shape[0] - 1, n)).astype(np.int64)
     return ids[torch.from_numpy(rows)]
-
-
-def _check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value

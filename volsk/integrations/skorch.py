@@ -17,6 +17,7 @@ from skorch.callbacks import Callback
 from skorch.dataset import Dataset
 from skorch.utils import multi_indexing
 
+from .._checks import is_integer
 from .._seeding import base_seed
 from ..estimator import LocalVolumeEstimator
 from ..results import check_confidence
@@ -168,7 +169,7 @@ class LocalVolume(Callback):
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         """Validate the parameters once, before any epoch runs."""
-        if not isinstance(self.every, Integral) or isinstance(self.every, bool) or self.every < 1:
+        if not is_integer(self.every, 1):
             raise ValueError(f"every must be an integer >= 1, got {self.every!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")

@@ -19,6 +19,7 @@ import inspect
 
 import torch
 
+from .._checks import is_integer
 from .context import PreconditionerContext
 from .curvature.ggn import ggn_diagonal, sampled_ggn_diagonal
 from .curvature.kronecker import (
@@ -260,7 +261,7 @@ class KFAC:
     def _check(self):
         for name in ("samples", "max_exact_outputs", "max_factor_size", "probes"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
+            if not is_integer(value, 1):
                 raise ValueError(f"KFAC {name} must be a positive integer, got {value!r}")
 
     def blocks(self, ctx: PreconditionerContext):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._checks import is_integer
 from .context import PreconditionerContext
 from .curvature.ggn import ggn_diagonal
 from .curvature.ggn_products import projected_ggn_diagonal, top_eigenpairs
@@ -197,7 +198,7 @@ class LowRank:
         for name, least in (("rank", 1), ("oversampling", 0), ("power_iterations", 0),
                             ("probes", 1), ("max_exact_outputs", 1)):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= least):
+            if not is_integer(value, least):
                 raise ValueError(f"LowRank {name} must be an integer >= {least}, got {value!r}")
 
     def curvature(self, ctx: PreconditionerContext):

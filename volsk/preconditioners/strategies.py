@@ -8,11 +8,10 @@ parameter (a name, a diagonal or an object) into a strategy.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 
+from .._checks import is_integer
 from .boundary import BoundaryFitted
 from .context import PreconditionerContext
 from .curvature.ggn import GGN_METHODS, gauss_newton_diagonal, ggn_matrix, ggn_route
@@ -266,7 +265,7 @@ class DiagHessian(_DiagonalCurvature):
                                    ("max_exact", self.max_exact, 0)):
             if name == "probes" and value is None:
                 continue
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            if not is_integer(value, least):
                 allowed = "a positive integer" if least else "a non-negative integer"
                 raise ValueError(f"DiagHessian {name} must be {allowed}"
                                  f"{' or None' if name == 'probes' else ''}, got {value!r}")

@@ -35,7 +35,6 @@ import contextlib
 import os
 import uuid
 import warnings
-from numbers import Integral
 
 import joblib
 import numpy as np
@@ -43,6 +42,7 @@ from sklearn.base import clone
 
 import volsk._pipeline as pipeline
 
+from .._checks import is_integer
 from .._fingerprint import fingerprint
 from .._seeding import base_seed
 from .._version import __version__
@@ -252,7 +252,7 @@ def fit_sharded(estimator, source, X, y=None, *, n_samples=None, partial=False, 
     check_source(source)
     k = estimator.n_samples if n_samples is None else n_samples
     for name, value in (("n_samples", k), ("shard_size", shard_size)):
-        if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+        if not is_integer(value, 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if client is not None and not hasattr(client, "submit"):
         raise TypeError(f"client must be a distributed.Client, got {type(client).__name__}")

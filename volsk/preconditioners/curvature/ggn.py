@@ -15,11 +15,10 @@ backward pass per sample and memory for one data batch's activations and outputs
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch.func import jacrev, vjp, vmap
 
+from ..._checks import is_integer
 from ..._evaluate import memory_budget
 
 __all__ = ["ggn_diagonal", "ggn_matrix", "sampled_ggn_diagonal", "gauss_newton_diagonal",
@@ -329,7 +328,7 @@ def sampled_ggn_diagonal(target, samples=64, seed=None) -> torch.Tensor:
     >>> bool(((estimate - exact).abs() <= 0.36 * exact).all())  # 5 × sqrt(2/400) relative
     True
     """
-    if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
+    if not is_integer(samples, 1):
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     seed = target.random_state if seed is None else seed
     squares = _ActiveSquares(target)
